@@ -1,0 +1,1 @@
+"""The ``ipolicy`` command line (Typer), a thin layer over ``internal_policy``."""

@@ -1,0 +1,163 @@
+"""``ipolicy entropy`` as a library call: data -> responses -> streamed entropies -> results folder and figures."""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from . import plots
+from .data import BUILTIN_ARITHMETIC, encode, load_samples, read_jsonl_samples, render_prompt, tokenize_sample, write_jsonl
+from .entropy import EngineConfig, EntropyEngine
+from .errors import IPolicyError
+from .loading import DEFAULT_MODEL, LoadedModel, load_model
+from .policy import NORM_MODES
+from .results import BOUNDARY_TOLERANCE, ResultsFolder, boundary_layer, summarize
+from .rollouts import SamplingConfig, complete_samples
+
+
+@dataclass
+class EntropyRunConfig:
+    """Everything ``ipolicy entropy`` takes. Generation options apply to rows without a response."""
+
+    model: str = DEFAULT_MODEL
+    data: str = BUILTIN_ARITHMETIC
+    limit: int | None = None
+    samples: int = 1
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+    norm_mode: str = "none"
+    fast: bool = False
+    dtype: str = "auto"
+    device: str = "auto"
+    device_map: str | None = None
+    revision: str | None = None
+    trust_remote_code: bool = False
+    batch_tokens: int = 4096
+    generation_batch_size: int = 16
+    boundary_tolerance: float = BOUNDARY_TOLERANCE
+
+    def fingerprint(self) -> dict:
+        """What changes the numbers: a rerun into the same folder resumes only when these agree."""
+        keep = ("model", "data", "limit", "samples", "max_new_tokens", "temperature", "top_p", "seed", "norm_mode",
+                "fast", "dtype", "revision")
+        return {k: v for k, v in asdict(self).items() if k in keep}
+
+    def validate(self) -> None:
+        if self.norm_mode not in NORM_MODES:
+            raise IPolicyError(f"Unknown --norm-mode '{self.norm_mode}'. Fix: use 'none' (the paper's) or 'final' (logit lens).")
+        for name in ("samples", "max_new_tokens", "batch_tokens", "generation_batch_size"):
+            if getattr(self, name) < 1:
+                raise IPolicyError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
+        if self.limit is not None and self.limit < 1:
+            raise IPolicyError(f"--limit must be at least 1, got {self.limit}.")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise IPolicyError("--temperature must be >= 0 and --top-p in (0, 1].")
+
+
+@dataclass
+class EntropyResult:
+    out: Path
+    summary: pd.DataFrame
+    boundary: int | None
+    manifest: dict
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for package in ("ipolicy", "torch", "transformers", "transformer-lens", "numpy", "pandas"):
+        try:
+            out[package] = version(package)
+        except PackageNotFoundError:
+            out[package] = "not installed"
+    return out
+
+
+def run_entropy(config: EntropyRunConfig, out: Path, overwrite: bool = False, progress: bool = True,
+                loaded: LoadedModel | None = None) -> EntropyResult:
+    """Analyse ``config.data`` with ``config.model`` and write the results folder ``out`` (resumable)."""
+    config.validate()
+    started = time.perf_counter()
+    folder = ResultsFolder(Path(out), config.fingerprint(), overwrite=overwrite)
+    samples = None if folder.samples_path.is_file() else load_samples(config.data, limit=config.limit, seed=config.seed)
+    timings = {}
+    t = time.perf_counter()
+    loaded = loaded or load_model(config.model, dtype=config.dtype, device=config.device, device_map=config.device_map,
+                                  revision=config.revision, trust_remote_code=config.trust_remote_code)
+    timings["load_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    if samples is None:
+        samples = read_jsonl_samples(folder.samples_path)  # resume: the responses of the interrupted run
+    else:
+        context = loaded.context_length
+        for sample in samples:
+            if sample.response is None and context is not None:
+                n_prompt = len(encode(loaded.tokenizer, render_prompt(loaded.tokenizer, sample.prompt)))
+                if n_prompt + config.max_new_tokens > context:
+                    raise IPolicyError(
+                        f"Sample '{sample.id}' has a {n_prompt}-token prompt; with --max-new-tokens "
+                        f"{config.max_new_tokens} it exceeds the model's context of {context}. Fix: lower --max-new-tokens."
+                    )
+        sampling = SamplingConfig(config.max_new_tokens, config.temperature, config.top_p,
+                                  config.generation_batch_size, config.seed)
+        samples = complete_samples(loaded, samples, config.samples, sampling, progress=progress)
+        write_jsonl(folder.samples_path, samples)
+    timings["generate_s"] = time.perf_counter() - t
+
+    tokenized = [tokenize_sample(loaded.tokenizer, s, loaded.context_length) for s in samples]
+    engine = EntropyEngine(loaded, EngineConfig(norm_mode=config.norm_mode, fast=config.fast,
+                                                batch_tokens=config.batch_tokens))
+    done = folder.done_sample_indices()
+    todo = [i for i in range(len(tokenized)) if i not in done]
+    t = time.perf_counter()
+    with tqdm(total=len(tokenized), initial=len(done), desc="analysing", unit="sample", disable=not progress) as bar:
+        for batch in engine.batches([tokenized[i] for i in todo]):
+            indices = [todo[i] for i in batch]
+            table = engine.analyse([tokenized[i] for i in indices], sample_index=indices)
+            table["norm_mode"] = config.norm_mode
+            folder.add_shard(table)
+            bar.update(len(indices))
+    timings["analyse_s"] = time.perf_counter() - t
+
+    tokens = folder.combine_tokens()
+    summary = summarize(tokens)
+    summary.insert(6, "norm_mode", config.norm_mode)
+    boundary = boundary_layer(summary, config.boundary_tolerance)
+    label = Path(config.model).name if config.model.endswith(".gguf") else config.model
+    plots.save_figure(plots.entropy_flow(summary, f"{label}: internal policy entropy", config.norm_mode),
+                      folder.out / "entropy_flow")
+    plots.save_figure(plots.entropy_change(summary, boundary, f"{label}: module entropy change", config.norm_mode),
+                      folder.out / "entropy_change")
+    timings["total_s"] = time.perf_counter() - started
+    n_tokens = int(summary["n_tokens"].iloc[0])
+    manifest = {
+        "model": config.model,
+        "model_source": loaded.source,
+        "revision": loaded.revision,
+        "dtype": str(loaded.dtype).removeprefix("torch."),
+        "device": str(loaded.device),
+        "n_layers": loaded.n_layers,
+        "norm_mode": config.norm_mode,
+        "fast": config.fast,
+        "data": config.data,
+        "n_samples": len(samples),
+        "n_tokens": n_tokens,
+        "seed": config.seed,
+        "boundary_layer": boundary,
+        "boundary_tolerance_nats": config.boundary_tolerance,
+        "config": asdict(config),
+        "versions": _versions(),
+        "timings": {**timings, "tokens_per_second": n_tokens / max(timings["analyse_s"], 1e-9)},
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    folder.finish(summary, manifest)
+    return EntropyResult(folder.out, summary, boundary, manifest)

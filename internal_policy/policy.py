@@ -1,0 +1,115 @@
+"""From a residual state to a samplable policy: pi(x) = softmax(U(x) / temperature) (SPEC §1).
+
+``PolicyHead`` is the one place in the project that turns a state into a policy. The entropy engine calls
+``entropy``; the trainer calls ``log_probs`` (BuPO's internal policy) — both go through the same unembedding.
+
+Entropies are computed without materialising [tokens x vocab] probabilities: logits are produced in blocks of
+``token_chunk`` rows x ``vocab_block`` columns (small enough to stay in cache) and folded into an online
+(max, sum exp, sum exp * logit) triple, so H = log S - T / S in one pass over each logit block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+NormMode = Literal["none", "final"]
+NORM_MODES = ("none", "final")
+
+
+@dataclass
+class PolicyHead:
+    """Reads residual states as policies with the model's own unembedding.
+
+    Args:
+        unembed: the model's lm_head (``nn.Linear``; its bias, if any, is used).
+        final_norm: the model's final norm LNf, applied to every state when ``norm_mode == "final"``.
+        norm_mode: ``"none"`` (the paper's: pi(x) = softmax(U x)) or ``"final"`` (logit lens: softmax(U LNf(x))).
+        temperature: the policy is softmax(logits / temperature).
+        fast: compute the unembedding matmul in bfloat16 (entropy only; about 4x faster on CPUs with bf16 units).
+        token_chunk, vocab_block: block sizes of the streamed entropy (rows of states, rows of U).
+    """
+
+    unembed: nn.Module
+    final_norm: nn.Module | None = None
+    norm_mode: NormMode = "none"
+    temperature: float = 1.0
+    fast: bool = False
+    token_chunk: int = 512
+    vocab_block: int = 4096
+    _weight_cache: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.norm_mode not in NORM_MODES:
+            raise ValueError(f"norm_mode must be one of {NORM_MODES}, got {self.norm_mode!r}")
+        if self.norm_mode == "final" and self.final_norm is None:
+            raise ValueError("norm_mode='final' needs the model's final norm")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.unembed.weight.shape[0]
+
+    def prepare(self, states: Tensor) -> Tensor:
+        """The vector the policy reads: ``states`` itself, or LNf(states) in ``final`` mode. Shape kept."""
+        if self.norm_mode == "final":
+            return self.final_norm(states)
+        return states
+
+    def logits(self, states: Tensor) -> Tensor:
+        """Policy logits U(x) / temperature, differentiable. states [..., d] -> [..., vocab]."""
+        return self.unembed(self.prepare(states)) / self.temperature
+
+    def log_probs(self, states: Tensor, targets: Tensor) -> Tensor:
+        """log pi(x)(target), differentiable. states [N, d], targets [N] (token ids) -> [N] float32."""
+        logits = self.logits(states).float()
+        return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+    @torch.no_grad()
+    def entropy(self, states: Tensor) -> Tensor:
+        """Entropy in nats of pi(x) for each row. states [N, d] (any float dtype) -> [N] float32 on the CPU."""
+        weight, bias = self._matmul_weights()
+        states = self.prepare(states).to(device=weight.device)
+        out = [self._entropy_chunk(chunk.to(weight.dtype), weight, bias) for chunk in states.split(self.token_chunk)]
+        return torch.cat(out).cpu() if out else torch.empty(0)
+
+    def _matmul_weights(self) -> tuple[Tensor, Tensor | None]:
+        """U's weight and bias in the matmul dtype (float32, or bfloat16 when fast), cached until U changes."""
+        weight = self.unembed.weight
+        bias = getattr(self.unembed, "bias", None)
+        dtype = torch.bfloat16 if self.fast else torch.float32
+        key = (weight.data_ptr(), weight._version, dtype)
+        if self._weight_cache.get("key") != key:
+            self._weight_cache.clear()
+            self._weight_cache.update(
+                key=key,
+                weight=weight.detach().to(dtype),
+                bias=None if bias is None else bias.detach().float(),
+            )
+        return self._weight_cache["weight"], self._weight_cache["bias"]
+
+    def _entropy_chunk(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        n = x.shape[0]
+        running_max = torch.full((n,), -torch.inf, device=x.device)
+        sum_exp = torch.zeros(n, device=x.device)  # S = sum_j exp(z_j - running_max)
+        sum_exp_z = torch.zeros(n, device=x.device)  # T = sum_j exp(z_j - running_max) * (z_j - running_max)
+        inv_temperature = 1.0 / self.temperature
+        for start in range(0, weight.shape[0], self.vocab_block):
+            z = (x @ weight[start : start + self.vocab_block].T).float()
+            if bias is not None:
+                z += bias[start : start + self.vocab_block]
+            if inv_temperature != 1.0:
+                z *= inv_temperature
+            new_max = torch.maximum(running_max, z.amax(dim=-1))
+            z -= new_max[:, None]
+            e = torch.exp(z)
+            # Re-express the running sums relative to the new max: e_old' = e_old * c and z' = z - shift.
+            shift = new_max - running_max  # >= 0; inf on the first block, where the sums are still zero
+            c = torch.exp(-shift)
+            sum_exp_z = (sum_exp_z - sum_exp * torch.where(sum_exp > 0, shift, 0.0)) * c + torch.linalg.vecdot(e, z)
+            sum_exp = sum_exp * c + e.sum(dim=-1)
+            running_max = new_max
+        return torch.log(sum_exp) - sum_exp_z / sum_exp
+

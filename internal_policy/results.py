@@ -1,0 +1,142 @@
+"""Results of the entropy engine: the per-token table, the per-(layer, module) summary, the boundary layer, and the
+output folder (atomic files, resumable shards).
+
+Folder layout (``--out DIR``):
+
+    samples.jsonl     the analysed samples, with their (given or generated) responses
+    tokens.parquet    long per-token table (one row per sample token x layer x module)
+    summary.csv       one row per (layer, module)
+    manifest.json     model, revision, dtype, norm mode, data, seed, versions, timings
+    entropy_flow.png, entropy_change.png
+    .partial/         shards of finished batches while a run is in progress (removed when it completes)
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .entropy import MODULES
+from .errors import IPolicyError
+from .io import atomic_write, atomic_write_json
+
+SUMMARY_COLUMNS = ["layer", "module", "entropy_in_mean", "entropy_out_mean", "delta_mean", "n_tokens"]
+BOUNDARY_TOLERANCE = 0.05  # nats: |mean dH_ffn| below this counts as "about zero"
+
+
+def summarize(tokens: pd.DataFrame, by: tuple[str, ...] = ()) -> pd.DataFrame:
+    """Token-weighted statistics per (``by``..., layer, module). The first columns are SUMMARY_COLUMNS."""
+    keys = [*by, "layer", "module"]
+    grouped = tokens.groupby(keys, sort=False)
+    summary = grouped.agg(
+        entropy_in_mean=("entropy_in", "mean"),
+        entropy_out_mean=("entropy_out", "mean"),
+        delta_mean=("delta", "mean"),
+        n_tokens=("delta", "size"),
+        entropy_in_std=("entropy_in", "std"),
+        entropy_out_std=("entropy_out", "std"),
+        delta_std=("delta", "std"),
+        delta_q05=("delta", lambda d: d.quantile(0.05)),
+        delta_q25=("delta", lambda d: d.quantile(0.25)),
+        delta_median=("delta", "median"),
+        delta_q75=("delta", lambda d: d.quantile(0.75)),
+        delta_q95=("delta", lambda d: d.quantile(0.95)),
+        cos_resid_mean=("cos_resid", "mean"),
+    ).reset_index()
+    summary["module"] = pd.Categorical(summary["module"], categories=MODULES, ordered=True)
+    summary = summary.sort_values(keys).reset_index(drop=True)
+    summary["module"] = summary["module"].astype(str)
+    front = [*SUMMARY_COLUMNS[:2], *by] if by else SUMMARY_COLUMNS[:2]
+    rest = [c for c in summary.columns if c not in front]
+    return summary[front + rest]
+
+
+def boundary_layer(summary: pd.DataFrame, tolerance: float = BOUNDARY_TOLERANCE) -> int | None:
+    """SPEC §1: the last layer l with mean dH_ffn(l) > 0 before the FFN entropy change turns to about 0 or negative.
+
+    Walking up from layer 1, find the first layer whose mean FFN change exceeds ``tolerance`` (exploration), then
+    return the last layer of that run of positive changes. None when no FFN layer explores.
+    """
+    ffn = summary[summary["module"] == "ffn"].sort_values("layer")
+    boundary = None
+    for layer, delta in zip(ffn["layer"], ffn["delta_mean"]):
+        if delta > tolerance:
+            boundary = int(layer)
+        elif boundary is not None:
+            break
+    return boundary
+
+
+class ResultsFolder:
+    """An output folder that resumes: each finished batch is an atomic parquet shard; the fingerprint (everything
+    that changes the numbers) must match for a rerun to reuse them."""
+
+    def __init__(self, out: Path, fingerprint: dict, overwrite: bool = False):
+        self.out = Path(out)
+        self.partial = self.out / ".partial"
+        self.fingerprint = json.loads(json.dumps(fingerprint, default=str))
+        if overwrite and self.out.exists():
+            for name in ("samples.jsonl", "tokens.parquet", "summary.csv", "manifest.json"):
+                (self.out / name).unlink(missing_ok=True)
+            shutil.rmtree(self.partial, ignore_errors=True)
+        self._check_fingerprint()
+        self.partial.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.partial / "fingerprint.json", self.fingerprint)
+
+    def _check_fingerprint(self) -> None:
+        for path in (self.partial / "fingerprint.json", self.out / "manifest.json"):
+            if not path.is_file():
+                continue
+            stored = json.loads(path.read_text())
+            stored = stored.get("fingerprint", stored)
+            changed = sorted(k for k in set(stored) | set(self.fingerprint) if stored.get(k) != self.fingerprint.get(k))
+            if changed:
+                raise IPolicyError(
+                    f"'{self.out}' holds results of a different run (differs in: {', '.join(changed)}). "
+                    "Fix: choose another --out, or add --overwrite to replace them."
+                )
+
+    @property
+    def samples_path(self) -> Path:
+        return self.out / "samples.jsonl"
+
+    def _shards(self) -> list[Path]:
+        return sorted(self.partial.glob("batch-*.parquet"))
+
+    def done_sample_indices(self) -> set[int]:
+        done: set[int] = set()
+        if (self.out / "manifest.json").is_file() and (self.out / "tokens.parquet").is_file():
+            done |= set(pd.read_parquet(self.out / "tokens.parquet", columns=["sample_index"])["sample_index"])
+        for shard in self._shards():
+            done |= set(pd.read_parquet(shard, columns=["sample_index"])["sample_index"])
+        return {int(i) for i in done}
+
+    def add_shard(self, table: pd.DataFrame) -> None:
+        first = int(table["sample_index"].min())
+        name = f"batch-{len(self._shards()):05d}-{first:06d}.parquet"
+        atomic_write(self.partial / name, lambda tmp: table.to_parquet(tmp, index=False))
+
+    def combine_tokens(self) -> pd.DataFrame:
+        """Merge the shards (and a previous complete tokens.parquet) into tokens.parquet; return the table."""
+        sources = self._shards()
+        if (self.out / "tokens.parquet").is_file() and (self.out / "manifest.json").is_file():
+            sources = [self.out / "tokens.parquet", *sources]
+        tables = [pq.read_table(path) for path in sources]
+        if not tables:
+            raise IPolicyError(f"No results in '{self.out}'. Fix: rerun the analysis.")
+        table = pa.concat_tables(tables, promote_options="default").sort_by(
+            [("sample_index", "ascending"), ("layer", "ascending"), ("position", "ascending")]
+        )
+        atomic_write(self.out / "tokens.parquet", lambda tmp: pq.write_table(table, tmp))
+        return table.to_pandas()
+
+    def finish(self, summary: pd.DataFrame, manifest: dict) -> None:
+        atomic_write(self.out / "summary.csv", lambda tmp: summary.to_csv(tmp, index=False, float_format="%.6g"))
+        atomic_write_json(self.out / "manifest.json", {**manifest, "fingerprint": self.fingerprint})
+        shutil.rmtree(self.partial, ignore_errors=True)
+
