@@ -110,6 +110,7 @@ def run_entropy(config: EntropyRunConfig, out: Path, overwrite: bool = False, pr
         sampling = SamplingConfig(config.max_new_tokens, config.temperature, config.top_p,
                                   config.generation_batch_size, config.seed)
         samples = complete_samples(loaded, samples, config.samples, sampling, progress=progress)
+        folder.start()
         write_jsonl(folder.samples_path, samples)
     timings["generate_s"] = time.perf_counter() - t
 

@@ -85,8 +85,12 @@ class ResultsFolder:
                 (self.out / name).unlink(missing_ok=True)
             shutil.rmtree(self.partial, ignore_errors=True)
         self._check_fingerprint()
-        self.partial.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.partial / "fingerprint.json", self.fingerprint)
+
+    def start(self) -> None:
+        """Create the folder and record the fingerprint: called just before the first result is written, so that a
+        run that fails earlier (bad model, bad data) leaves nothing behind."""
+        if not (self.partial / "fingerprint.json").is_file():
+            atomic_write_json(self.partial / "fingerprint.json", self.fingerprint)
 
     def _check_fingerprint(self) -> None:
         for path in (self.partial / "fingerprint.json", self.out / "manifest.json"):
@@ -117,6 +121,7 @@ class ResultsFolder:
         return {int(i) for i in done}
 
     def add_shard(self, table: pd.DataFrame) -> None:
+        self.start()
         first = int(table["sample_index"].min())
         name = f"batch-{len(self._shards()):05d}-{first:06d}.parquet"
         atomic_write(self.partial / name, lambda tmp: table.to_parquet(tmp, index=False))
