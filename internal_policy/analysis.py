@@ -81,6 +81,21 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def _check_lengths(loaded: LoadedModel, samples, max_new_tokens: int) -> None:
+    """Refuse, before anything is generated or written, a sample that cannot fit the model's context."""
+    context = loaded.context_length
+    for sample in samples:
+        if sample.response is not None:
+            tokenize_sample(loaded.tokenizer, sample, context)
+        elif context is not None:
+            n_prompt = len(encode(loaded.tokenizer, render_prompt(loaded.tokenizer, sample.prompt)))
+            if n_prompt + max_new_tokens > context:
+                raise IPolicyError(
+                    f"Sample '{sample.id}' has a {n_prompt}-token prompt; with --max-new-tokens {max_new_tokens} it "
+                    f"exceeds the model's context of {context}. Fix: lower --max-new-tokens."
+                )
+
+
 def run_entropy(config: EntropyRunConfig, out: Path, overwrite: bool = False, progress: bool = True,
                 loaded: LoadedModel | None = None) -> EntropyResult:
     """Analyse ``config.data`` with ``config.model`` and write the results folder ``out`` (resumable)."""
@@ -98,15 +113,7 @@ def run_entropy(config: EntropyRunConfig, out: Path, overwrite: bool = False, pr
     if samples is None:
         samples = read_jsonl_samples(folder.samples_path)  # resume: the responses of the interrupted run
     else:
-        context = loaded.context_length
-        for sample in samples:
-            if sample.response is None and context is not None:
-                n_prompt = len(encode(loaded.tokenizer, render_prompt(loaded.tokenizer, sample.prompt)))
-                if n_prompt + config.max_new_tokens > context:
-                    raise IPolicyError(
-                        f"Sample '{sample.id}' has a {n_prompt}-token prompt; with --max-new-tokens "
-                        f"{config.max_new_tokens} it exceeds the model's context of {context}. Fix: lower --max-new-tokens."
-                    )
+        _check_lengths(loaded, samples, config.max_new_tokens)
         sampling = SamplingConfig(config.max_new_tokens, config.temperature, config.top_p,
                                   config.generation_batch_size, config.seed)
         samples = complete_samples(loaded, samples, config.samples, sampling, progress=progress)
