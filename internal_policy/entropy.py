@@ -16,7 +16,10 @@ Per layer l (1-based) and module, entropy_in / entropy_out / delta are:
 
 from __future__ import annotations
 
+import types
+from collections import defaultdict
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +27,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
 
 from .data import TokenizedSample
 from .errors import IPolicyError
@@ -46,29 +50,70 @@ class EngineConfig:
 
 
 class _StateQueue:
-    """Collects selected states from hooks and turns them into entropies a chunk at a time."""
+    """Collects selected states from hooks and turns them into entropies ``chunk`` rows at a time.
+
+    Only whole chunks are unembedded while the forward runs (each chunk streams all of U, so a small one costs as
+    much as a full one); the rest waits for the next states or for the final flush.
+    """
 
     def __init__(self, head: PolicyHead, chunk: int):
         self.head, self.chunk = head, chunk
         self.pending: list[tuple[tuple[str, int], Tensor]] = []
         self.rows = 0
-        self.entropy: dict[tuple[str, int], Tensor] = {}
+        self.pieces: dict[tuple[str, int], list[Tensor]] = defaultdict(list)
 
     def push(self, key: tuple[str, int], states: Tensor) -> None:
         self.pending.append((key, states))
         self.rows += states.shape[0]
         if self.rows >= self.chunk:
-            self.flush()
+            self.flush(whole_chunks_only=True)
 
-    def flush(self) -> None:
-        if not self.pending:
+    def flush(self, whole_chunks_only: bool = False) -> None:
+        n = (self.rows // self.chunk) * self.chunk if whole_chunks_only else self.rows
+        if n == 0:
             return
-        keys = [key for key, _ in self.pending]
-        sizes = [states.shape[0] for _, states in self.pending]
         stacked = torch.cat([states for _, states in self.pending])
-        self.pending, self.rows = [], 0
-        for key, values in zip(keys, self.head.entropy(stacked).split(sizes)):
-            self.entropy[key] = values
+        entropy = self.head.entropy(stacked[:n])
+        offset = 0
+        for key, states in self.pending:
+            take = min(states.shape[0], n - offset)
+            if take > 0:
+                self.pieces[key].append(entropy[offset : offset + take])
+            offset += states.shape[0]
+        # keep the rows not yet unembedded, each with its key
+        rest, offset = [], 0
+        for key, states in self.pending:
+            start = max(0, n - offset)
+            if start < states.shape[0]:
+                rest.append((key, states[start:]))
+            offset += states.shape[0]
+        self.pending, self.rows = rest, self.rows - n
+
+    @property
+    def entropy(self) -> dict[tuple[str, int], Tensor]:
+        return {key: torch.cat(pieces) for key, pieces in self.pieces.items()}
+
+
+@contextmanager
+def fused_attention(bridge) -> Iterator[None]:
+    """Run each attention bridge in its delegating mode (hook_in -> the HF module -> hook_out) for one forward.
+
+    TransformerBridge's rotary attention re-implements softmax(QK^T) to expose hook_pattern, which costs
+    [heads x T x T] floats per layer (0.8 GB at T = 3000 on SmolLM2). The engine reads no pattern, so it lets the
+    Hugging Face module run its fused kernel (sdpa); hook_attn_out still sees the same a_l.
+    """
+    patched = []
+    for block in bridge.blocks:
+        attn = getattr(block, "attn", None)
+        if isinstance(attn, AttentionBridge) and type(attn).forward is not AttentionBridge.forward:
+            # object.__setattr__: bridge components forward unknown attribute writes to the wrapped HF module
+            object.__setattr__(attn, "forward", types.MethodType(AttentionBridge.forward, attn))
+            patched.append(attn)
+    try:
+        yield
+    finally:
+        for attn in patched:
+            object.__delattr__(attn, "forward")
 
 
 class EntropyEngine:
@@ -157,8 +202,9 @@ class EntropyEngine:
         last = "ln_final.hook_out" if self.config.norm_mode == "none" else f"blocks.{n_layers - 1}.hook_resid_post"
         hooks.append((last, record(("resid", n_layers))))
 
-        with self.loaded.bridge.hooks(fwd_hooks=hooks):
-            self.loaded.bridge(input_ids.to(self.loaded.device), return_type=None, logits_to_keep=1)
+        with self.loaded.bridge.hooks(fwd_hooks=hooks), fused_attention(self.loaded.bridge):
+            # logits_to_keep=1: the engine unembeds states itself; never materialise [T x vocab] final logits
+            self.loaded.bridge(input_ids.to(self.loaded.device), return_type=None, logits_to_keep=1, use_cache=False)
         queue.flush()
         return self._table(samples, sample_index, queue.entropy, cosine)
 

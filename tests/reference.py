@@ -20,19 +20,23 @@ def reference_entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(p * torch.log(p)).nan_to_num().sum(-1)
 
 
-def reference_token_table(model, tokenizer, rows, norm_mode="none", dtype=torch.float64) -> pd.DataFrame:
-    """Per-token entropies: rows are dicts with 'prompt' (str or messages) and 'response' (str)."""
+def reference_token_table(model, tokenizer, rows, norm_mode="none", dtype=torch.float64, token_ids=None) -> pd.DataFrame:
+    """Per-token entropies: rows are dicts with 'prompt' (str or messages) and 'response' (str).
+    ``token_ids`` = [prompt_ids, response_ids] skips tokenization (one row)."""
     model = model.to(dtype)
     decoder = _decoder(model)
     final_norm, lm_head = decoder.norm, model.lm_head
     layers = decoder.layers
     records = []
     for row in rows:
-        prompt = row["prompt"]
-        if not isinstance(prompt, str):
-            prompt = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-        p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        r_ids = tokenizer(row["response"], add_special_tokens=False)["input_ids"]
+        if token_ids is not None:
+            p_ids, r_ids = token_ids
+        else:
+            prompt = row["prompt"]
+            if not isinstance(prompt, str):
+                prompt = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+            p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            r_ids = tokenizer(row["response"], add_special_tokens=False)["input_ids"]
         ids = torch.tensor([p_ids + r_ids])
         pos = list(range(len(p_ids) - 1, len(p_ids) + len(r_ids) - 1))
         cache = {}

@@ -1,0 +1,172 @@
+"""Entropy engine benchmark: speed against the straightforward implementation and the matmul roofline, and memory.
+
+    python benchmarks/bench_entropy.py [--problems 8] [--response-tokens 128] [--memory-tokens 3000] [--reference-memory]
+
+Side by side in one process on SmolLM2-135M-Instruct (the embedded model), float32 weights:
+
+* straightforward: PyTorch forward hooks on the HF modules, full softmax of every state where it is used, float32,
+  one sample at a time (tests/reference.py with dtype=float32);
+* engine exact: ``EntropyEngine`` (TransformerBridge hooks, streamed blocked entropy, float32 matmuls);
+* engine fast: the same with the unembedding matmul in bfloat16;
+* roofline: the time the unembedding matmuls of the distinct states alone take at the measured peak float32 (and
+  bfloat16) matmul rate of this machine.
+
+Peak RSS of one long sample is measured in a fresh subprocess per implementation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+DATA = ROOT.parent / "shared" / "data" / "math500.parquet"
+
+from internal_policy.data import Sample, load_samples, tokenize_sample  # noqa: E402
+from internal_policy.entropy import EngineConfig, EntropyEngine  # noqa: E402
+from internal_policy.loading import load_model  # noqa: E402
+from internal_policy.rollouts import SamplingConfig, sample_responses  # noqa: E402
+
+
+def peak_matmul_gflops(d: int, vocab: int, dtype: torch.dtype) -> float:
+    """Best rate over a few unembedding-shaped matmuls [n, d] @ [d, vocab]."""
+    weight = torch.randn(vocab, d).to(dtype)
+    best = 0.0
+    for n in (256, 512, 1024):
+        x = torch.randn(n, d).to(dtype)
+        x @ weight.T
+        start = time.perf_counter()
+        for _ in range(3):
+            x @ weight.T
+        seconds = (time.perf_counter() - start) / 3
+        best = max(best, 2 * n * d * vocab / seconds / 1e9)
+    return best
+
+
+def make_samples(loaded, problems: int, response_tokens: int) -> list[Sample]:
+    samples = load_samples(str(DATA), limit=problems)
+    prompts = [tokenize_sample(loaded.tokenizer, Sample(s.id, s.prompt, "")).prompt_ids for s in samples]
+    # sample with the model, then force exactly response_tokens by continuing past EOS if needed
+    from transformers import GenerationConfig
+
+    torch.manual_seed(0)
+    out = []
+    for sample, ids in zip(samples, prompts):
+        generated = loaded.hf_model.generate(
+            torch.tensor([ids]), generation_config=GenerationConfig(
+                do_sample=True, top_k=0, max_new_tokens=response_tokens, min_new_tokens=response_tokens,
+                pad_token_id=loaded.tokenizer.pad_token_id))
+        text = loaded.tokenizer.decode(generated[0, len(ids):], skip_special_tokens=True)
+        out.append(Sample(sample.id, sample.prompt, text))
+    return out
+
+
+def time_engine(loaded, tokenized, **config) -> float:
+    engine = EntropyEngine(loaded, EngineConfig(**config))
+    start = time.perf_counter()
+    for batch in engine.batches(tokenized):
+        engine.analyse([tokenized[i] for i in batch], sample_index=batch)
+    return time.perf_counter() - start
+
+
+def memory_child(impl: str, tokens: int) -> None:
+    """Run in a fresh process: analyse one sample with a ``tokens``-token response; print peak RSS (GB) and time."""
+    loaded = load_model("smollm2-135m-instruct", device="cpu")
+    text = " ".join(m[-1]["content"] for m in (s.prompt for s in load_samples(str(DATA), limit=200)))
+    ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"][:tokens]
+    sample = Sample("long", "Restate these problems.", loaded.tokenizer.decode(ids))
+    tokenized = [tokenize_sample(loaded.tokenizer, sample)]
+    start = time.perf_counter()
+    if impl == "engine":
+        time_engine(loaded, tokenized)
+    else:
+        from reference import reference_token_table
+        from transformers import AutoModelForCausalLM
+
+        plain = AutoModelForCausalLM.from_pretrained(loaded.hf_model.name_or_path).eval()
+        del loaded
+        reference_token_table(plain, None, [{"prompt": sample.prompt, "response": sample.response}], dtype=torch.float32,
+                              token_ids=[tokenized[0].prompt_ids, tokenized[0].response_ids])
+    seconds = time.perf_counter() - start
+    print(json.dumps({"impl": impl, "response_tokens": len(tokenized[0].response_ids),
+                      "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, "seconds": seconds}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--problems", type=int, default=8)
+    parser.add_argument("--response-tokens", type=int, default=128)
+    parser.add_argument("--memory-tokens", type=int, default=3000)
+    parser.add_argument("--reference-memory", action="store_true", help="also measure the straightforward one (slow)")
+    parser.add_argument("--memory-child", choices=["engine", "reference"], help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "entropy.json")
+    args = parser.parse_args()
+    if args.memory_child:
+        return memory_child(args.memory_child, args.memory_tokens)
+
+    from reference import reference_token_table
+    from transformers import AutoModelForCausalLM
+
+    loaded = load_model("smollm2-135m-instruct", device="cpu")
+    samples = make_samples(loaded, args.problems, args.response_tokens)
+    tokenized = [tokenize_sample(loaded.tokenizer, s) for s in samples]
+    n_tokens = sum(len(t.response_ids) for t in tokenized)
+    config = loaded.hf_model.config
+    d, vocab, n_layers = config.hidden_size, config.vocab_size, config.num_hidden_layers
+    distinct_states = 5 * n_layers + 1
+    flops = n_tokens * distinct_states * 2 * d * vocab
+    peak32, peak16 = peak_matmul_gflops(d, vocab, torch.float32), peak_matmul_gflops(d, vocab, torch.bfloat16)
+
+    results = {"model": "SmolLM2-135M-Instruct", "problems": args.problems, "response_tokens": n_tokens,
+               "threads": torch.get_num_threads(), "peak_gflops_float32": peak32, "peak_gflops_bfloat16": peak16}
+    results["roofline_float32_s"] = flops / peak32 / 1e9
+    results["roofline_bfloat16_s"] = flops / peak16 / 1e9
+
+    time_engine(loaded, tokenized[:1])  # warm-up
+    results["engine_exact_s"] = time_engine(loaded, tokenized)
+    results["engine_fast_s"] = time_engine(loaded, tokenized, fast=True)
+
+    plain = AutoModelForCausalLM.from_pretrained(loaded.hf_model.name_or_path).eval()
+    rows = [{"prompt": s.prompt, "response": s.response} for s in samples]
+    start = time.perf_counter()
+    reference = reference_token_table(plain, loaded.tokenizer, rows, dtype=torch.float32)
+    results["straightforward_s"] = time.perf_counter() - start
+
+    # accuracy of the layer means against the straightforward float32 numbers
+    exact = EntropyEngine(loaded, EngineConfig()).analyse(tokenized)
+    fast = EntropyEngine(loaded, EngineConfig(fast=True)).analyse(tokenized)
+    ref_means = reference.groupby(["layer", "module"])[["entropy_in", "entropy_out"]].mean()
+    for name, table in (("exact", exact), ("fast", fast)):
+        means = table.groupby(["layer", "module"])[["entropy_in", "entropy_out"]].mean()
+        results[f"{name}_max_abs_diff_nats"] = float((means - ref_means).abs().max().max())
+
+    results["speedup_exact_vs_straightforward"] = results["straightforward_s"] / results["engine_exact_s"]
+    results["speedup_fast_vs_straightforward"] = results["straightforward_s"] / results["engine_fast_s"]
+    results["exact_fraction_of_float32_roofline"] = results["roofline_float32_s"] / results["engine_exact_s"]
+    results["fast_fraction_of_bfloat16_roofline"] = results["roofline_bfloat16_s"] / results["engine_fast_s"]
+    results["engine_exact_tokens_per_s"] = n_tokens / results["engine_exact_s"]
+    results["engine_fast_tokens_per_s"] = n_tokens / results["engine_fast_s"]
+    results["straightforward_tokens_per_s"] = n_tokens / results["straightforward_s"]
+
+    for impl in ["engine"] + (["reference"] if args.reference_memory else []):
+        child = subprocess.run([sys.executable, __file__, "--memory-child", impl, "--memory-tokens", str(args.memory_tokens)],
+                               capture_output=True, text=True, check=True)
+        results[f"memory_{impl}"] = json.loads(child.stdout.strip().splitlines()[-1])
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    width = max(map(len, results))
+    for key, value in results.items():
+        print(f"{key:<{width}}  {value:.4g}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+
+
+if __name__ == "__main__":
+    main()
