@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import os
 import sys
@@ -127,6 +128,122 @@ def entropy(
         f"{result.manifest['n_tokens']} tokens x {result.manifest['n_layers']} layers in {timings['total_s']:.1f} s "
         f"({timings['tokens_per_second']:.1f} tokens/s analysed). Results: [bold]{result.out}[/]"
     )
+
+
+def train_bupo(
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Base model: Hub id, folder, .gguf file or the embedded model."),
+    data: str = typer.Option("arithmetic", "--data", "-d", help="Training prompts with ground truths: 'arithmetic', .jsonl/.parquet (verl layout or prompt + answer), or a Hub dataset."),
+    data_limit: Optional[int] = typer.Option(None, help="Use only the first N rows (built-in task: N problems, default 8)."),
+    reward: str = typer.Option("math", help="'math' (last \\boxed{} vs ground truth, math-verify), FILE.py:FUNCTION or module:function called as fn(prompt, response, ground_truth) -> float."),
+    out: Path = typer.Option(Path("runs/train"), "--out", "-o", help="Run folder: checkpoints/step-N/, metrics.jsonl, run.json."),
+    internal_layer: str = typer.Option("auto", help="BuPO's K (1-based, < number of layers), or 'auto': the boundary layer measured on the first rollouts."),
+    internal_steps: int = typer.Option(2, help="BuPO's S: optimise the layer-K policy for steps 1..S, then the full policy."),
+    steps: int = typer.Option(10, help="Optimisation steps (each: rollouts, then PPO epochs)."),
+    prompts_per_step: int = typer.Option(4, help="Prompts per step."),
+    group_size: int = typer.Option(8, help="Responses per prompt (G)."),
+    mini_batch_prompts: Optional[int] = typer.Option(None, help="Prompts per optimiser step (default: all prompts of the step)."),
+    micro_batch_size: int = typer.Option(8, help="Sequences per forward/backward (gradient accumulation)."),
+    ppo_epochs: int = typer.Option(1, help="Passes over each step's rollouts."),
+    lr: float = typer.Option(1e-6, help="AdamW learning rate (the paper: 1e-6)."),
+    weight_decay: float = typer.Option(0.0, help="AdamW weight decay."),
+    max_grad_norm: float = typer.Option(1.0, help="Gradient-norm clipping."),
+    clip_low: float = typer.Option(0.2, help="eps_low of the clipped ratio."),
+    clip_high: float = typer.Option(0.2, help="eps_high of the clipped ratio."),
+    no_std_scaling: bool = typer.Option(False, "--no-std-scaling", help="Advantages R - mean(R), without dividing by std."),
+    kl_coef: float = typer.Option(0.0, help="k3 KL penalty to the frozen base model (0 = none, the paper's)."),
+    entropy_coef: float = typer.Option(0.0, help="Entropy bonus (0 = none, the paper's)."),
+    max_new_tokens: int = typer.Option(256, help="Rollout length limit."),
+    temperature: float = typer.Option(1.0, help="Rollout temperature; log-probs are divided by it."),
+    top_p: float = typer.Option(1.0, help="Rollout top-p."),
+    monitor_layer: Optional[int] = typer.Option(None, help="Layer whose policy entropy is logged as internal_entropy (default: K, or round(L/6) for GRPO)."),
+    seed: int = typer.Option(0, help="Seed of data order, rollouts and initialisation."),
+    save_every: int = typer.Option(10, help="Write checkpoints/step-N every N steps (and at the end)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its latest checkpoint (same data order and RNG)."),
+    dtype: str = typer.Option("auto", help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16."),
+    device: str = typer.Option("auto", help="cpu, cuda or auto."),
+    tensorboard: bool = typer.Option(False, "--tensorboard", help="Also log to OUT/tensorboard."),
+    wandb: bool = typer.Option(False, "--wandb", help="Also log to Weights & Biases."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+):
+    """BuPO (SPEC §5): GRPO on the internal layer policy pi(h_K) for --internal-steps steps, then on the full policy."""
+    _quiet_libraries()
+    from internal_policy.trainer import TrainConfig, train
+
+    config = TrainConfig(
+        model=model, data=data, data_limit=data_limit, reward=reward, steps=steps, prompts_per_step=prompts_per_step,
+        group_size=group_size, mini_batch_prompts=mini_batch_prompts, micro_batch_size=micro_batch_size,
+        ppo_epochs=ppo_epochs, lr=lr, weight_decay=weight_decay, max_grad_norm=max_grad_norm, clip_low=clip_low,
+        clip_high=clip_high, scale_std=not no_std_scaling, kl_coef=kl_coef, entropy_coef=entropy_coef,
+        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, save_every=save_every,
+        internal_layer=_layer_option(internal_layer), internal_steps=internal_steps, monitor_layer=monitor_layer,
+        dtype=dtype, device=device, tensorboard=tensorboard, wandb=wandb,
+    )
+    rows = train(config, out, resume=resume, progress=not quiet)
+    if rows:
+        last = rows[-1]
+        Console().print(f"step {last['step']}: reward {last['reward_mean']:.3f}, accuracy {last['accuracy']:.3f}, "
+                        f"entropy {last['entropy']:.3f}. Run: [bold]{out}[/]")
+
+
+def _layer_option(value: str | None):
+    if value is None or value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise IPolicyError(f"--internal-layer must be a layer number or 'auto', got '{value}'.") from None
+
+
+def _grpo_from_bupo():
+    """train-grpo is train-bupo without the internal phase: the same options, minus K and S."""
+    signature = inspect.signature(train_bupo)
+    params = [p for name, p in signature.parameters.items() if name not in ("internal_layer", "internal_steps")]
+
+    def train_grpo(**kwargs):
+        return train_bupo(internal_layer=None, internal_steps=0, **kwargs)
+
+    train_grpo.__signature__ = signature.replace(parameters=params)
+    train_grpo.__annotations__ = {k: v for k, v in train_bupo.__annotations__.items() if k in signature.parameters
+                                  and k not in ("internal_layer", "internal_steps")}
+    train_grpo.__doc__ = "GRPO (SPEC §4): group-normalised advantages and the clipped surrogate on the full policy."
+    return train_grpo
+
+
+app.command("train-bupo")(friendly_errors(train_bupo))
+app.command("train-grpo")(friendly_errors(_grpo_from_bupo()))
+
+
+@app.command("eval")
+@friendly_errors
+def eval_command(
+    model: list[str] = typer.Option([DEFAULT_MODEL], "--model", "-m", help="Model(s) or training run folder(s) (base + every checkpoint); repeat the option."),
+    data: list[str] = typer.Option(["arithmetic"], "--data", "-d", help="Dataset(s) with ground truths; repeat the option."),
+    out: Path = typer.Option(Path("runs/eval"), "--out", "-o", help="Writes problems.csv, summary.csv, summary.json."),
+    n: int = typer.Option(16, "--n", help="Responses per problem; Avg@n is their mean accuracy (the paper: 16, 32 for AIME)."),
+    k: list[int] = typer.Option([1], "--k", help="pass@k values (unbiased estimator, k <= n); repeat the option."),
+    limit: Optional[int] = typer.Option(None, help="First N problems of each dataset."),
+    max_new_tokens: int = typer.Option(1024, help="Response length limit."),
+    temperature: float = typer.Option(1.0, help="Sampling temperature."),
+    top_p: float = typer.Option(1.0, help="Sampling top-p."),
+    reward: str = typer.Option("math", help="'math' or FILE.py:FUNCTION; a response is correct when it scores >= 1."),
+    seed: int = typer.Option(0, help="Sampling seed."),
+    dtype: str = typer.Option("auto", help="Model dtype."),
+    device: str = typer.Option("auto", help="cpu, cuda or auto."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+):
+    """Avg@n and unbiased pass@k (SPEC §6) per model and dataset, with per-problem details."""
+    _quiet_libraries()
+    from internal_policy.evaluation import EvalConfig, evaluate
+
+    config = EvalConfig(n=n, k=tuple(k), max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                        limit=limit, reward=reward, dtype=dtype, device=device)
+    summary = evaluate(model, data, config, out, progress=not quiet)
+    table = Table(title=f"Avg@{n} and pass@k", title_style="bold")
+    for column in summary.columns:
+        table.add_column(str(column), justify="right")
+    for row in summary.itertuples(index=False):
+        table.add_row(*[f"{v:.4f}" if isinstance(v, float) else str(v) for v in row])
+    Console().print(table)
 
 
 if __name__ == "__main__":

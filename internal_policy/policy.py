@@ -68,6 +68,12 @@ class PolicyHead:
         logits = self.logits(states).float()
         return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
+    def log_probs_and_entropy(self, states: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """Differentiable log pi(x)(target) and H(pi(x)) from one set of logits. [N, d], [N] -> ([N], [N])."""
+        logp = torch.log_softmax(self.logits(states).float(), dim=-1)
+        entropy = -(logp.exp() * logp).sum(-1)
+        return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1), entropy
+
     @torch.no_grad()
     def entropy(self, states: Tensor) -> Tensor:
         """Entropy in nats of pi(x) for each row. states [N, d] (any float dtype) -> [N] float32 on the CPU."""

@@ -1,0 +1,478 @@
+"""A small GRPO / BuPO trainer (SPEC §4–5) on one machine, or several through ``accelerate launch``.
+
+One step: take ``prompts_per_step`` prompts (a seeded order over epochs), sample ``group_size`` responses each from
+the full model, score them, compute group-normalised advantages, then ``ppo_epochs`` passes of clipped-surrogate
+updates over mini-batches (micro-batches accumulate gradients; the loss is the token mean over the mini-batch).
+
+BuPO: for steps 1..S the log-probs come from the internal layer policy pi(h_K) (no norm, divided by the rollout
+temperature) and the training forward stops after layer K, so only layers 1..K, the embeddings and the unembedding
+get gradient; after S it is plain GRPO on the full policy.
+
+Outputs under ``out``: ``checkpoints/step-N/`` (Hugging Face folder + ``trainer_state.pt``), ``metrics.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .data import BUILTIN_ARITHMETIC, Sample, TokenizedSample, encode, load_samples, render_prompt
+from .errors import IPolicyError
+from .io import atomic_write_text
+from .loading import DEFAULT_MODEL, LoadedModel, load_model
+from .losses import clipped_policy_loss, group_advantages
+from .policy import PolicyHead
+from .rewards import load_reward, score
+from .rollouts import SamplingConfig, sample_responses
+
+STATE_FILE = "trainer_state.pt"
+
+
+@dataclass
+class TrainConfig:
+    model: str = DEFAULT_MODEL
+    data: str = BUILTIN_ARITHMETIC
+    data_limit: int | None = None
+    reward: str = "math"
+    steps: int = 10
+    prompts_per_step: int = 4
+    group_size: int = 8
+    mini_batch_prompts: int | None = None  # default: all prompts of the step (one optimiser step per PPO epoch)
+    micro_batch_size: int = 8  # sequences per forward/backward
+    ppo_epochs: int = 1
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    scale_std: bool = True
+    kl_coef: float = 0.0
+    entropy_coef: float = 0.0
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+    save_every: int = 10
+    internal_layer: int | str | None = None  # BuPO's K (1-based), "auto" = boundary layer of the first rollouts
+    internal_steps: int = 0  # BuPO's S
+    monitor_layer: int | None = None  # layer whose policy entropy is logged (default: K, or round(L/6) for GRPO)
+    dtype: str = "auto"
+    device: str = "auto"
+    tensorboard: bool = False
+    wandb: bool = False
+
+
+@dataclass
+class Rollout:
+    """One prompt's group: token ids and rewards. response_ids include the EOS token when one was sampled."""
+
+    sample: Sample
+    prompt_ids: list[int]
+    responses: list[list[int]]
+    rewards: list[float]
+    texts: list[str] = field(default_factory=list)
+
+
+class _StopForward(Exception):
+    pass
+
+
+def residual_states(model, input_ids: Tensor, attention_mask: Tensor, layers: set[int], stop_after: int | None = None):
+    """Residual states of a Hugging Face decoder in one forward: {l: h_l} for l in ``layers`` (1-based outputs of
+    layer l), plus {"final": LNf(h_L)} unless the forward stops early right after layer ``stop_after``."""
+    decoder = model.get_decoder()
+    captured: dict = {}
+
+    def hook_for(l):
+        def hook(module, inputs, output):
+            captured[l] = output[0] if isinstance(output, tuple) else output
+            if l == stop_after:
+                raise _StopForward
+
+        return hook
+
+    wanted = set(layers) | ({stop_after} if stop_after else set())
+    handles = [decoder.layers[l - 1].register_forward_hook(hook_for(l)) for l in wanted]
+    try:
+        captured["final"] = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    except _StopForward:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, out: Path, resume: bool = False, loaded: LoadedModel | None = None):
+        from accelerate import Accelerator, DistributedDataParallelKwargs
+
+        self.config, self.out = config, Path(out)
+        self._validate_numbers()
+        self.samples = load_samples(config.data, limit=config.data_limit, seed=config.seed)
+        self.reward_fn = load_reward(config.reward)
+        if config.reward == "math" and any(s.answer is None for s in self.samples):
+            missing = next(s for s in self.samples if s.answer is None)
+            raise IPolicyError(
+                f"--reward math needs ground truths, but row '{missing.id}' of '{config.data}' has none. "
+                "Fix: add 'answer' (or reward_model.ground_truth) to every row, or use a custom --reward."
+            )
+        self._check_out_folder(resume)
+        self.loaded = loaded or load_model(config.model, dtype=config.dtype, device=config.device)
+        self.model, self.tokenizer = self.loaded.hf_model, self.loaded.tokenizer
+        n_layers = self.loaded.n_layers
+        self.prompt_ids = [encode(self.tokenizer, render_prompt(self.tokenizer, s.prompt)) for s in self.samples]
+        self._check_lengths()
+        probe = score(self.reward_fn, self._prompt_text(0), "", self.samples[0].answer)  # fails early on a bad fn
+        del probe
+        self.accelerator = Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+        self.head = PolicyHead(self.loaded.unembed, temperature=config.temperature)
+        self.internal_layer = self._resolve_internal_layer(n_layers)
+        self.monitor_layer = config.monitor_layer or self.internal_layer or max(1, round(n_layers / 6))
+        if not 1 <= self.monitor_layer <= n_layers:
+            raise IPolicyError(f"--monitor-layer must be in 1..{n_layers}, got {self.monitor_layer}.")
+        self.model.train(False)  # no dropout in RL updates; gradients flow regardless
+        self.model.requires_grad_(True)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+        self.reference = None
+        if config.kl_coef:
+            self.reference = load_model(config.model, dtype=config.dtype, device=config.device).hf_model.requires_grad_(False)
+        self.step = 0
+        if resume:
+            self._restore()
+        self.writers = self._loggers()
+
+    # ---------------------------------------------------------------- validation
+    def _validate_numbers(self) -> None:
+        c = self.config
+        checks = [
+            (c.steps >= 1, "--steps must be at least 1"),
+            (c.prompts_per_step >= 1 and c.group_size >= 2, "--prompts-per-step must be >= 1 and --group-size >= 2"),
+            (c.micro_batch_size >= 1 and c.ppo_epochs >= 1, "--micro-batch-size and --ppo-epochs must be >= 1"),
+            (c.mini_batch_prompts is None or 1 <= c.mini_batch_prompts <= c.prompts_per_step,
+             "--mini-batch-prompts must be in 1..--prompts-per-step"),
+            (c.lr > 0 and c.max_new_tokens >= 1 and c.temperature > 0, "--lr, --max-new-tokens and --temperature must be > 0"),
+            (0 <= c.clip_low < 1 and c.clip_high >= 0, "--clip-low must be in [0, 1) and --clip-high >= 0"),
+            (c.save_every >= 1, "--save-every must be at least 1"),
+            (0 <= c.internal_steps <= c.steps, f"--internal-steps ({c.internal_steps}) must be in 0..--steps ({c.steps})"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise IPolicyError(f"{message}. Fix: change that option.")
+
+    def _resolve_internal_layer(self, n_layers: int) -> int | None:
+        k = self.config.internal_layer
+        if k is None:
+            return None
+        if k == "auto":
+            return self._boundary_layer_of_first_rollouts()
+        k = int(k)
+        if not 1 <= k <= n_layers - 1:
+            raise IPolicyError(
+                f"--internal-layer {k} is outside 1..{n_layers - 1} (the model has {n_layers} layers; the last layer's "
+                "policy is the full policy). Fix: pick a lower layer, e.g. the boundary layer from `ipolicy entropy`."
+            )
+        return k
+
+    def _check_lengths(self) -> None:
+        context = self.loaded.context_length
+        for sample, ids in zip(self.samples, self.prompt_ids):
+            if context is not None and len(ids) + self.config.max_new_tokens > context:
+                raise IPolicyError(
+                    f"Prompt '{sample.id}' ({len(ids)} tokens) plus --max-new-tokens {self.config.max_new_tokens} "
+                    f"exceeds the model's context of {context}. Fix: lower --max-new-tokens or drop the row."
+                )
+
+    def _check_out_folder(self, resume: bool) -> None:
+        has_run = (self.out / "metrics.jsonl").is_file() or (self.out / "checkpoints").is_dir()
+        if has_run and not resume:
+            raise IPolicyError(f"'{self.out}' already holds a training run. Fix: add --resume to continue it, or choose another --out.")
+        if resume and not has_run:
+            raise IPolicyError(f"--resume: '{self.out}' has no run to resume. Fix: drop --resume or check --out.")
+
+    # ---------------------------------------------------------------- data
+    def _prompt_text(self, index: int) -> str:
+        return render_prompt(self.tokenizer, self.samples[index].prompt)
+
+    def prompts_for_step(self, step: int) -> list[int]:
+        """Indices of the prompts of ``step`` (1-based): a fresh seeded permutation per pass over the data."""
+        n, per = len(self.samples), self.config.prompts_per_step
+        out = []
+        for position in range((step - 1) * per, step * per):
+            epoch = position // n
+            order = list(range(n))
+            random.Random(self.config.seed * 1_000_003 + epoch).shuffle(order)
+            out.append(order[position % n])
+        shard = self.accelerator.process_index
+        return out[shard:: self.accelerator.num_processes]
+
+    # ---------------------------------------------------------------- rollouts
+    def rollouts(self, step: int, indices: list[int]) -> list[Rollout]:
+        c = self.config
+        prompt_ids = [self.prompt_ids[i] for i in indices for _ in range(c.group_size)]
+        sampling = SamplingConfig(c.max_new_tokens, c.temperature, c.top_p, batch_size=len(prompt_ids),
+                                  seed=c.seed * 1_000_003 + step * 101 + self.accelerator.process_index)
+        model = self.accelerator.unwrap_model(self.model)
+        unwrapped = LoadedModel(**{**self.loaded.__dict__, "hf_model": model})
+        responses = sample_responses(unwrapped, prompt_ids, sampling)
+        groups = []
+        for j, i in enumerate(indices):
+            group = responses[j * c.group_size : (j + 1) * c.group_size]
+            texts = [self.tokenizer.decode(r, skip_special_tokens=True) for r in group]
+            rewards = [score(self.reward_fn, self._prompt_text(i), t, self.samples[i].answer) for t in texts]
+            groups.append(Rollout(self.samples[i], self.prompt_ids[i], group, rewards, texts))
+        return groups
+
+    def _boundary_layer_of_first_rollouts(self) -> int:
+        from .entropy import EngineConfig, EntropyEngine
+        from .results import boundary_layer, summarize
+
+        self.model = self.loaded.hf_model
+        groups = self.rollouts(1, self.prompts_for_step(1))
+        tokenized = [TokenizedSample(g.sample, g.prompt_ids, r) for g in groups for r in g.responses if r]
+        table = EntropyEngine(self.loaded, EngineConfig()).analyse(tokenized)
+        k = boundary_layer(summarize(table))
+        n_layers = self.loaded.n_layers
+        if k is None or k >= n_layers:
+            raise IPolicyError(
+                "--internal-layer auto: the first rollouts show no FFN layer that raises entropy, so there is no boundary "
+                "layer. Fix: give --internal-layer K explicitly."
+            )
+        return k
+
+    # ---------------------------------------------------------------- one step
+    def _batch(self, rows: list[tuple[list[int], list[int]]]):
+        """Right-padded input ids, attention mask, and (batch, position) indices + targets of response tokens."""
+        pad = self.tokenizer.pad_token_id or 0
+        width = max(len(p) + len(r) for p, r in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        batch_index, positions, targets = [], [], []
+        for b, (p, r) in enumerate(rows):
+            seq = p + r
+            ids[b, : len(seq)] = torch.tensor(seq)
+            mask[b, : len(seq)] = 1
+            batch_index += [b] * len(r)
+            positions += range(len(p) - 1, len(p) + len(r) - 1)
+            targets += r
+        device = self.loaded.device
+        return ids.to(device), mask.to(device), torch.tensor(batch_index, device=device), \
+            torch.tensor(positions, device=device), torch.tensor(targets, device=device)
+
+    def _policy_layer(self, step: int) -> int | None:
+        return self.internal_layer if self.internal_layer and step <= self.config.internal_steps else None
+
+    def _phase_states(self, model, ids, mask, layer: int | None, keep: set[int] = frozenset()):
+        """States of the phase's policy (h_K, or LNf(h_L) when layer is None) and of the layers in ``keep``."""
+        states = residual_states(model, ids, mask, set(keep) | ({layer} if layer else set()),
+                                 stop_after=layer if not keep else None)
+        return states[layer or "final"], states
+
+    @torch.no_grad()
+    def _old_log_probs(self, rows, layer: int | None):
+        """Per micro-batch, before the update: log-probs under the phase's policy, the reference's (KL), and the
+        logged entropies of the final and the monitored layer policy. One full forward each."""
+        out = []
+        model = self.accelerator.unwrap_model(self.model)
+        for start in range(0, len(rows), self.config.micro_batch_size):
+            ids, mask, b, pos, tgt = self._batch(rows[start : start + self.config.micro_batch_size])
+            phase, states = self._phase_states(model, ids, mask, layer, keep={self.monitor_layer})
+            ref = None
+            if self.reference is not None:
+                ref_states, _ = self._phase_states(self.reference, ids, mask, layer)
+                ref = self.head.log_probs(ref_states[b, pos], tgt)
+            out.append(dict(logp=self.head.log_probs(phase[b, pos], tgt), ref=ref,
+                            entropy=self.head.entropy(states["final"][b, pos]),
+                            internal_entropy=self.head.entropy(states[self.monitor_layer][b, pos])))
+        return out
+
+    def train_step(self, step: int) -> dict:
+        c = self.config
+        started = time.perf_counter()
+        layer = self._policy_layer(step)
+        groups = self.rollouts(step, self.prompts_for_step(step))
+        rollout_seconds = time.perf_counter() - started
+
+        rewards = torch.tensor([g.rewards for g in groups], dtype=torch.float32)
+        advantages = group_advantages(rewards, scale_std=c.scale_std)
+        rows = [(g.prompt_ids, r) for g in groups for r in g.responses]
+        row_advantage = advantages.flatten().tolist()
+        old = self._old_log_probs(rows, layer)
+        micro = c.micro_batch_size
+        old_by_row = {}
+        for chunk_index, chunk in enumerate(old):
+            offset = 0
+            for row in range(chunk_index * micro, min(len(rows), (chunk_index + 1) * micro)):
+                n = len(rows[row][1])
+                old_by_row[row] = {k: (None if v is None else v[offset : offset + n]) for k, v in chunk.items()}
+                offset += n
+
+        mini_prompts = c.mini_batch_prompts or len(groups)
+        stats = dict(clip_frac=[], approx_kl=[], kl_ref=[], grad_norm=[])
+        for _ in range(c.ppo_epochs):
+            for first in range(0, len(groups), mini_prompts):
+                mini_rows = list(range(first * c.group_size, min(len(groups), first + mini_prompts) * c.group_size))
+                normaliser = max(1, sum(len(rows[r][1]) for r in mini_rows))
+                for start in range(0, len(mini_rows), micro):
+                    chosen = mini_rows[start : start + micro]
+                    ids, mask, b, pos, tgt = self._batch([rows[r] for r in chosen])
+                    states, _ = self._phase_states(self.model, ids, mask, layer)
+                    entropy = None
+                    if c.entropy_coef:
+                        logp, entropy = self.head.log_probs_and_entropy(states[b, pos], tgt)
+                    else:
+                        logp = self.head.log_probs(states[b, pos], tgt)
+                    cat = lambda key: torch.cat([old_by_row[r][key] for r in chosen])  # noqa: E731
+                    adv = torch.cat([torch.full((len(rows[r][1]),), row_advantage[r]) for r in chosen]).to(logp.device)
+                    terms = clipped_policy_loss(
+                        logp, cat("logp"), adv, normaliser, c.clip_low, c.clip_high,
+                        cat("ref") if self.reference is not None else None, c.kl_coef, entropy, c.entropy_coef,
+                    )
+                    self.accelerator.backward(terms.loss)
+                    stats["clip_frac"].append(terms.clip_frac)
+                    stats["approx_kl"].append(terms.approx_kl)
+                    stats["kl_ref"].append(terms.kl_to_reference)
+                grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), c.max_grad_norm)
+                stats["grad_norm"].append(float(grad_norm))
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+
+        seconds = time.perf_counter() - started
+        n_tokens = sum(len(r) for _, r in rows)
+        mean = lambda xs: float(sum(xs) / len(xs)) if xs else 0.0  # noqa: E731
+        token_mean = lambda key: float(torch.cat([o[key] for o in old]).mean())  # noqa: E731
+        return {
+            "step": step,
+            "phase": "internal" if layer else "full",
+            "policy_layer": layer or self.loaded.n_layers,
+            "reward_mean": float(rewards.mean()),
+            "accuracy": float((rewards >= 1.0).float().mean()),
+            "response_len_mean": n_tokens / len(rows),
+            "entropy": token_mean("entropy"),
+            "internal_entropy": token_mean("internal_entropy"),
+            "monitor_layer": self.monitor_layer,
+            "clip_frac": mean(stats["clip_frac"]),
+            "approx_kl": mean(stats["approx_kl"]),
+            "kl_to_reference": mean(stats["kl_ref"]),
+            "grad_norm": mean(stats["grad_norm"]),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "step_seconds": seconds,
+            "rollout_seconds": rollout_seconds,
+            "tokens_per_second": n_tokens / seconds,
+            "verifier_failures": getattr(self.reward_fn, "failures", 0),
+        }
+
+    # ---------------------------------------------------------------- run, save, resume
+    def run(self, progress: bool = True) -> list[dict]:
+        from tqdm.auto import tqdm
+
+        rows = []
+        bar = tqdm(range(self.step + 1, self.config.steps + 1), initial=self.step, total=self.config.steps,
+                   desc="training", unit="step", disable=not progress or not self.accelerator.is_main_process)
+        for step in bar:
+            metrics = self.train_step(step)
+            self.step = step
+            rows.append(metrics)
+            if self.accelerator.is_main_process:
+                self._append_metrics(metrics)
+                bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", phase=metrics["phase"])
+                if step % self.config.save_every == 0 or step == self.config.steps:
+                    self.save_checkpoint(step)
+            self.accelerator.wait_for_everyone()
+        for writer in self.writers:
+            writer.close()
+        return rows
+
+    def _append_metrics(self, metrics: dict) -> None:
+        path = self.out / "metrics.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as f:
+            f.write(json.dumps(metrics) + "\n")
+            f.flush()
+        for writer in self.writers:
+            writer.log(metrics)
+
+    def save_checkpoint(self, step: int) -> Path:
+        """checkpoints/step-N: save_pretrained (safetensors) + tokenizer + trainer_state.pt, renamed into place."""
+        final = self.out / "checkpoints" / f"step-{step}"
+        staging = final.with_name(f".{final.name}.tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        model = self.accelerator.unwrap_model(self.model)
+        model.save_pretrained(staging, safe_serialization=True)
+        self.tokenizer.save_pretrained(staging)
+        torch.save(
+            {
+                "step": step,
+                "optimizer": self.optimizer.state_dict(),
+                "torch_rng": torch.random.get_rng_state(),
+                "python_rng": random.getstate(),
+                "config": asdict(self.config),
+                "internal_layer": self.internal_layer,
+            },
+            staging / STATE_FILE,
+        )
+        shutil.rmtree(final, ignore_errors=True)
+        staging.rename(final)
+        atomic_write_text(self.out / "run.json", json.dumps({"base_model": self.config.model, "config": asdict(self.config),
+                                                             "internal_layer": self.internal_layer}, indent=2, default=str))
+        return final
+
+    def _restore(self) -> None:
+        from safetensors.torch import load_model as load_safetensors
+
+        checkpoints = sorted((self.out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+        if not checkpoints:
+            raise IPolicyError(f"--resume: '{self.out}/checkpoints' has no checkpoint. Fix: rerun without --resume into a new --out.")
+        latest = checkpoints[-1]
+        state = torch.load(latest / STATE_FILE, weights_only=False)
+        model = self.accelerator.unwrap_model(self.model)
+        shards = sorted(latest.glob("*.safetensors"))
+        for shard in shards:
+            load_safetensors(model, shard, strict=len(shards) == 1)
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.random.set_rng_state(state["torch_rng"])
+        random.setstate(state["python_rng"])
+        self.step = state["step"]
+        self.internal_layer = state["internal_layer"]
+        metrics = self.out / "metrics.jsonl"
+        if metrics.is_file():  # drop the steps after the checkpoint: they will be redone
+            kept = [l for l in metrics.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= self.step]
+            atomic_write_text(metrics, "".join(l + "\n" for l in kept))
+
+    def _loggers(self) -> list:
+        writers = []
+        if self.config.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as error:
+                raise IPolicyError("--tensorboard needs the tensorboard package. Fix: pip install tensorboard") from error
+            writer = SummaryWriter(str(self.out / "tensorboard"))
+            writers.append(_Logger(lambda m: [writer.add_scalar(k, v, m["step"]) for k, v in m.items()
+                                              if isinstance(v, (int, float))], writer.close))
+        if self.config.wandb:
+            try:
+                import wandb
+            except ImportError as error:
+                raise IPolicyError("--wandb needs the wandb package. Fix: pip install wandb") from error
+            run = wandb.init(project="ipolicy", config=asdict(self.config), dir=str(self.out))
+            writers.append(_Logger(lambda m: run.log(m, step=m["step"]), run.finish))
+        return writers
+
+
+@dataclass
+class _Logger:
+    log: object
+    close: object
+
+
+def train(config: TrainConfig, out: Path, resume: bool = False, progress: bool = True) -> list[dict]:
+    """Build the trainer (every check runs before the first step) and train."""
+    return Trainer(config, out, resume=resume).run(progress=progress)

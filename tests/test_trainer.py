@@ -1,0 +1,196 @@
+"""GRPO/BuPO trainer: the objective, what BuPO updates, learning, exact resume, and bad input."""
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import internal_policy.trainer as trainer_module
+from cli_helpers import run_cli
+from internal_policy.evaluation import pass_at_k
+from internal_policy.losses import clipped_policy_loss, group_advantages
+from internal_policy.rewards import MathReward, last_boxed
+
+REWARD = '''
+def fn(prompt, response, ground_truth):
+    return sum(ch.isdigit() for ch in response) / max(1, len(response))
+
+def not_a_number(prompt, response, ground_truth):
+    return "high"
+'''
+
+
+@pytest.fixture(scope="module")
+def train_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("train")
+    rows = [{"prompt": f"What is {a} + {b}?", "answer": str(a + b)} for a, b in [(1, 2), (3, 4), (5, 6), (7, 8), (2, 2), (9, 1)]]
+    (folder / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "no_answers.jsonl").write_text('{"prompt": "hi"}\n')
+    (folder / "rewards.py").write_text(REWARD)
+    return folder
+
+
+def bupo_args(model, files, out, *extra):
+    return ["train-bupo", "--model", model, "--data", files / "rows.jsonl", "--reward", f"{files / 'rewards.py'}:fn",
+            "--steps", "4", "--internal-layer", "2", "--internal-steps", "2", "--prompts-per-step", "2",
+            "--group-size", "4", "--max-new-tokens", "16", "--lr", "1e-3", "--weight-decay", "0", "--save-every", "1",
+            "--seed", "0", "--out", out, "-q", *extra]
+
+
+def test_bupo_updates_only_layers_up_to_k_in_the_internal_phase(tiny_llama, train_files, tmp_path):
+    out = tmp_path / "run"
+    result = run_cli(*bupo_args(tiny_llama, train_files, out))
+    assert result.exit_code == 0, result.output
+    base = load_file(tiny_llama / "model.safetensors")
+    step = {n: load_file(out / "checkpoints" / f"step-{n}" / "model.safetensors") for n in range(1, 5)}
+    lower = [k for k in base if k.startswith(("model.layers.0.", "model.layers.1."))]
+    upper = [k for k in base if k.startswith(("model.layers.2.", "model.layers.3."))] + ["model.norm.weight"]
+    for n in (1, 2):
+        assert all(torch.equal(step[n][k], base[k]) for k in upper), "layers above K or the final norm moved"
+        for name in ("model.embed_tokens.weight", "lm_head.weight"):
+            assert not torch.equal(step[n][name], base[name])
+        assert sum(not torch.equal(step[n][k], base[k]) for k in lower) >= len(lower) // 2
+    for n in (3, 4):
+        assert any(not torch.equal(step[n][k], step[2][k]) for k in upper if k.startswith("model.layers.3."))
+        assert not torch.equal(step[n]["model.norm.weight"], base["model.norm.weight"])
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [r["phase"] for r in rows] == ["internal", "internal", "full", "full"]
+    required = {"reward_mean", "accuracy", "response_len_mean", "entropy", "internal_entropy", "clip_frac", "approx_kl",
+                "grad_norm", "lr", "step_seconds", "rollout_seconds", "tokens_per_second"}
+    assert required <= set(rows[0])
+    # a checkpoint loads back as a model for the entropy engine
+    entropy = run_cli("entropy", "-m", out / "checkpoints" / "step-4", "-d", train_files / "rows.jsonl",
+                      "--max-new-tokens", "4", "-o", tmp_path / "entropy", "-q")
+    assert entropy.exit_code == 0, entropy.output
+
+
+def test_resume_reproduces_the_uninterrupted_run(tiny_llama, train_files, tmp_path, monkeypatch):
+    full = tmp_path / "full"
+    assert run_cli(*bupo_args(tiny_llama, train_files, full)).exit_code == 0
+
+    resumed = tmp_path / "resumed"
+    original = trainer_module.Trainer.train_step
+
+    def crash_at_three(self, step):
+        if step == 3:
+            raise KeyboardInterrupt
+        return original(self, step)
+
+    monkeypatch.setattr(trainer_module.Trainer, "train_step", crash_at_three)
+    assert run_cli(*bupo_args(tiny_llama, train_files, resumed)).exit_code == 130
+    monkeypatch.setattr(trainer_module.Trainer, "train_step", original)
+    assert run_cli(*bupo_args(tiny_llama, train_files, resumed, "--resume")).exit_code == 0
+
+    a = [json.loads(l) for l in (full / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(l) for l in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for x, y in zip(a, b):
+        for key in ("reward_mean", "entropy", "internal_entropy", "grad_norm", "response_len_mean"):
+            assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-7), (x["step"], key)
+    wa, wb = (load_file(r / "checkpoints" / "step-4" / "model.safetensors") for r in (full, resumed))
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
+@pytest.mark.parametrize("command", ["train-grpo", "train-bupo"])
+def test_reward_rises_on_a_learnable_reward(command, tiny_llama, train_files, tmp_path):
+    out = tmp_path / command
+    args = [command, "--model", tiny_llama, "--data", train_files / "rows.jsonl", "--reward", f"{train_files / 'rewards.py'}:fn",
+            "--steps", "16", "--prompts-per-step", "4", "--group-size", "8", "--max-new-tokens", "12", "--lr", "3e-3",
+            "--save-every", "100", "--seed", "1", "--out", out, "-q"]
+    if command == "train-bupo":
+        args += ["--internal-layer", "2", "--internal-steps", "6"]
+    assert run_cli(*args).exit_code == 0
+    rewards = [json.loads(l)["reward_mean"] for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert sum(rewards[-4:]) / 4 > sum(rewards[:4]) / 4 + 0.05, rewards
+
+
+def test_loss_equals_hand_computation():
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0]])
+    adv = group_advantages(rewards)
+    std = math.sqrt(sum((r - 0.5) ** 2 for r in [1, 0, 0, 1]) / 3)
+    assert torch.allclose(adv, torch.tensor([[0.5, -0.5, -0.5, 0.5]]) / (std + 1e-6))
+    assert torch.allclose(group_advantages(rewards, scale_std=False), torch.tensor([[0.5, -0.5, -0.5, 0.5]]))
+    logp_old = torch.log(torch.tensor([0.5, 0.5, 0.2, 0.1]))
+    logp = torch.log(torch.tensor([0.7, 0.5, 0.1, 0.1]))  # ratios 1.4, 1.0, 0.5, 1.0
+    a = torch.tensor([1.0, 1.0, -2.0, -1.0])
+    terms = clipped_policy_loss(logp, logp_old, a, normaliser=8, clip_low=0.2, clip_high=0.2)
+    # min(r A, clip(r) A): 1.4 -> min(1.4, 1.2) = 1.2; 1.0; 0.5*-2=-1 vs 0.8*-2=-1.6 -> -1.6; -1
+    assert terms.loss.item() == pytest.approx(-(1.2 + 1.0 - 1.6 - 1.0) / 8)
+    assert terms.clip_frac == pytest.approx(0.5)
+    ratio = torch.tensor([1.4, 1.0, 0.5, 1.0])
+    assert terms.approx_kl == pytest.approx(float((ratio - 1 - ratio.log()).mean()), rel=1e-5)
+    ref = torch.log(torch.tensor([0.6, 0.5, 0.1, 0.2]))
+    with_kl = clipped_policy_loss(logp, logp_old, a, 8, logp_reference=ref, kl_coef=0.5)
+    d = ref - logp
+    assert with_kl.loss.item() == pytest.approx(terms.loss.item() + 0.5 * float((d.exp() - d - 1).sum()) / 8, rel=1e-6)
+
+
+@pytest.mark.parametrize("n, c, k", [(5, 0, 1), (5, 2, 1), (5, 2, 2), (10, 3, 4), (16, 1, 8), (4, 4, 2), (20, 17, 5)])
+def test_pass_at_k_matches_closed_form(n, c, k):
+    assert pass_at_k(n, c, k) == pytest.approx(1 - math.comb(n - c, k) / math.comb(n, k), abs=1e-12)
+
+
+def test_math_reward():
+    assert last_boxed("so \\boxed{\\frac{1}{2}} or \\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}") == "\\left( 3, \\frac{\\pi}{2} \\right)"
+    assert last_boxed("no answer") is None and last_boxed("\\boxed{unbalanced") is None
+    reward = MathReward()
+    assert reward("", "The answer is \\boxed{(3, \\pi/2)}", "\\left( 3, \\frac{\\pi}{2} \\right)") == 1.0
+    assert reward("", "\\boxed{0.5}", "\\frac{1}{2}") == 1.0
+    assert reward("", "\\boxed{48}", "-48") == 0.0
+    assert reward("", "48 without a box", "48") == 0.0
+    assert reward.failures == 0
+
+
+def test_verifier_failure_is_counted_not_silent(monkeypatch, caplog):
+    import math_verify
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("sympy exploded")
+
+    monkeypatch.setattr(math_verify, "verify", broken)
+    reward = MathReward()
+    assert reward("", "\\boxed{1}", "1") == 0.0
+    assert reward.failures == 1 and "sympy exploded" in reward.failure_log[0]
+    assert "verifier failed" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (["--internal-layer", "4"], "outside 1..3"),
+        (["--internal-layer", "0"], "outside 1..3"),
+        (["--internal-steps", "9"], "--internal-steps (9) must be in 0..--steps (4)"),
+        (["--reward", "{files}/missing.py:fn"], "does not exist"),
+        (["--reward", "{files}/rewards.py:nope"], "has no function 'nope'"),
+        (["--reward", "{files}/rewards.py:not_a_number"], "not a finite number"),
+        (["--reward", "math", "--data", "{files}/no_answers.jsonl"], "needs ground truths"),
+        (["--max-new-tokens", "600"], "exceeds the model's context"),
+        (["--model", "{files}"], "no config.json"),
+    ],
+)
+def test_bad_training_input(extra, expected, tiny_llama, train_files, tmp_path):
+    out = tmp_path / "run"
+    args = [a if not isinstance(a, str) else a.format(files=train_files) for a in bupo_args(tiny_llama, train_files, out)]
+    args += [a.format(files=train_files) for a in extra]
+    result = run_cli(*args)
+    lines = [l for l in result.output.splitlines() if l.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error:"), result.output
+    assert expected in lines[0]
+    assert not out.exists()
+
+
+def test_eval_avg_and_pass_at_k(tiny_llama, train_files, tmp_path):
+    import pandas as pd
+
+    out = tmp_path / "eval"
+    result = run_cli("eval", "-m", tiny_llama, "-d", train_files / "rows.jsonl", "--reward", f"{train_files / 'rewards.py'}:fn",
+                     "--n", "4", "--k", "1", "--k", "4", "--max-new-tokens", "6", "-o", out, "-q")
+    assert result.exit_code == 0, result.output
+    problems = pd.read_csv(out / "problems.csv")
+    summary = pd.read_csv(out / "summary.csv")
+    assert len(problems) == 6 and (problems["pass@1"] - problems["correct"] / 4).abs().max() < 1e-12
+    assert (problems["pass@4"] == (problems["correct"] > 0).astype(float)).all()
+    assert summary["avg@4"].iloc[0] == pytest.approx(problems["accuracy"].mean())
