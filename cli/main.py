@@ -88,7 +88,8 @@ def print_summary(summary, boundary, tolerance: float) -> None:
 @app.command()
 @friendly_errors
 def entropy(
-    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Hub id (Qwen/Qwen3-4B), local HF folder, .gguf file, or the embedded 'smollm2-135m-instruct'."),
+    model: list[str] = typer.Option([DEFAULT_MODEL], "--model", "-m", help="Hub id (Qwen/Qwen3-4B), local HF folder, .gguf file, or the embedded 'smollm2-135m-instruct'. Repeat to compare models on the same samples."),
+    run: list[Path] = typer.Option([], "--run", help="A training run folder: its base model and every checkpoints/step-N, on the same samples. Repeatable."),
     data: str = typer.Option("arithmetic", "--data", "-d", help="'arithmetic' (built-in, seeded), a .jsonl/.parquet file (verl layout or prompt/response/answer rows), or a Hub dataset NAME[:SPLIT]."),
     out: Path = typer.Option(Path("runs/entropy"), "--out", "-o", help="Output folder. Rerunning into it resumes; finished samples are not recomputed."),
     limit: Optional[int] = typer.Option(None, help="Use only the first N rows (built-in task: N prompts, default 8)."),
@@ -105,6 +106,7 @@ def entropy(
     revision: Optional[str] = typer.Option(None, help="Hub revision (branch, tag or commit) of --model."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model code from the Hub (off by default)."),
     batch_tokens: int = typer.Option(4096, help="Padded tokens per forward pass of the analysis."),
+    refine_layer: Optional[int] = typer.Option(None, help="Also write refinement.csv: cos(h_k, h_j) and KL(pi(h_k) || pi(h_j)) of this layer k against every higher layer j."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace results of a different run in --out instead of refusing."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ):
@@ -114,14 +116,24 @@ def entropy(
     entropy_change.png (Fig. 3) to --out, then prints the table and the boundary layer.
     """
     _quiet_libraries()
-    from internal_policy.analysis import EntropyRunConfig, run_entropy
+    from internal_policy.analysis import EntropyRunConfig, run_entropy, run_entropy_checkpoints
 
+    models = [str(r) for r in run] + (model if not run or model != [DEFAULT_MODEL] else [])
     config = EntropyRunConfig(
-        model=model, data=data, limit=limit, samples=samples, max_new_tokens=max_new_tokens, temperature=temperature,
+        model=models[0], data=data, refine_layer=refine_layer, limit=limit, samples=samples, max_new_tokens=max_new_tokens, temperature=temperature,
         top_p=top_p, seed=seed, norm_mode=norm_mode, fast=fast, dtype=dtype, device=device, device_map=device_map,
         revision=revision, trust_remote_code=trust_remote_code, batch_tokens=batch_tokens,
     )
-    result = run_entropy(config, out, overwrite=overwrite, progress=not quiet and sys.stderr.isatty() or None)
+    progress = not quiet and sys.stderr.isatty() or None
+    if len(models) == 1 and not run:
+        result = run_entropy(config, out, overwrite=overwrite, progress=progress)
+    else:
+        result = run_entropy_checkpoints(models, config, out, overwrite=overwrite, progress=progress)
+        last = result.summary[result.summary["step"] == result.summary["step"].max()]
+        Console().print(f"{len(result.manifest['models'])} models/checkpoints on the same samples; the last one:")
+        print_summary(last, result.boundary, config.boundary_tolerance)
+        Console().print(f"Results: [bold]{result.out}[/] (summary.csv and tokens.parquet with step and checkpoint columns)")
+        return
     print_summary(result.summary, result.boundary, config.boundary_tolerance)
     timings = result.manifest["timings"]
     Console().print(
@@ -244,6 +256,21 @@ def eval_command(
     for row in summary.itertuples(index=False):
         table.add_row(*[f"{v:.4f}" if isinstance(v, float) else str(v) for v in row])
     Console().print(table)
+
+
+@app.command()
+@friendly_errors
+def figures(
+    results: list[Path] = typer.Argument(..., help="Result folders: `ipolicy entropy` outputs, training runs, `ipolicy eval` outputs."),
+    out: Path = typer.Option(Path("figures"), "--out", "-o", help="Where the figures go (PNG and PDF)."),
+):
+    """The paper's figures from stored results: entropy flow, ΔH, dynamics across checkpoints, training curves,
+    feature refinement and pass@k."""
+    _quiet_libraries()
+    from internal_policy.plots import figures_from_results
+
+    for path in figures_from_results(results, out):
+        Console().print(str(path))
 
 
 if __name__ == "__main__":

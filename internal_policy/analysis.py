@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import platform
 import time
-from dataclasses import asdict, dataclass
+import shutil
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -16,8 +17,10 @@ from . import plots
 from .data import BUILTIN_ARITHMETIC, encode, load_samples, read_jsonl_samples, render_prompt, tokenize_sample, write_jsonl
 from .entropy import EngineConfig, EntropyEngine
 from .errors import IPolicyError
-from .loading import DEFAULT_MODEL, LoadedModel, load_model
+from .loading import DEFAULT_MODEL, LoadedModel, load_model, run_checkpoints
 from .policy import NORM_MODES
+from .io import atomic_write, atomic_write_json
+from .refinement import feature_refinement
 from .results import BOUNDARY_TOLERANCE, ResultsFolder, boundary_layer, summarize
 from .rollouts import SamplingConfig, complete_samples
 
@@ -44,6 +47,7 @@ class EntropyRunConfig:
     batch_tokens: int = 4096
     generation_batch_size: int = 16
     boundary_tolerance: float = BOUNDARY_TOLERANCE
+    refine_layer: int | None = None  # also write refinement.csv: cos and KL of layer k against every higher layer
 
     def fingerprint(self) -> dict:
         """What changes the numbers: a rerun into the same folder resumes only when these agree."""
@@ -136,6 +140,9 @@ def run_entropy(config: EntropyRunConfig, out: Path, overwrite: bool = False, pr
             bar.update(len(indices))
     timings["analyse_s"] = time.perf_counter() - t
 
+    if config.refine_layer is not None:
+        refinement = feature_refinement(engine, tokenized, config.refine_layer)
+        atomic_write(folder.out / "refinement.csv", lambda tmp: refinement.to_csv(tmp, index=False))
     tokens = folder.combine_tokens()
     summary = summarize(tokens)
     summary.insert(6, "norm_mode", config.norm_mode)
@@ -169,3 +176,47 @@ def run_entropy(config: EntropyRunConfig, out: Path, overwrite: bool = False, pr
     }
     folder.finish(summary, manifest)
     return EntropyResult(folder.out, summary, boundary, manifest)
+
+
+def run_entropy_checkpoints(models: list[str], config: EntropyRunConfig, out: Path, overwrite: bool = False,
+                            progress: bool = True) -> EntropyResult:
+    """Analyse the same samples with several models or every checkpoint of training runs.
+
+    Each model gets a resumable subfolder ``out/checkpoints/<label>``. Responses are given by the data or generated
+    once by the first model and reused (``out/samples.jsonl``), so differences come from the weights. The combined
+    ``summary.csv`` / ``tokens.parquet`` (and ``refinement.csv``) add ``step`` (0 for a base model) and ``checkpoint``.
+    """
+    config.validate()
+    out = Path(out)
+    targets = [target for spec in models for target in run_checkpoints(spec)]
+    labels = [f"{i:02d}-{label}" for i, (label, _, _) in enumerate(targets)]
+    summaries, tokens, refinements, results = [], [], [], []
+    for i, ((label, step, model), folder) in enumerate(zip(targets, labels)):
+        sub_config = replace(config, model=model)
+        if i > 0:  # the first model's responses, analysed as given
+            sub_config = replace(sub_config, data=str(out / "samples.jsonl"), limit=None, samples=1)
+        result = run_entropy(sub_config, out / "checkpoints" / folder, overwrite=overwrite, progress=progress)
+        if i == 0:
+            shutil.copyfile(result.out / "samples.jsonl", out / ".samples.jsonl.tmp")
+            (out / ".samples.jsonl.tmp").replace(out / "samples.jsonl")
+        for frame, name in ((summaries, "summary.csv"), (refinements, "refinement.csv")):
+            if (result.out / name).is_file():
+                table = pd.read_csv(result.out / name)
+                table.insert(min(6, len(table.columns)), "step", step)
+                table.insert(min(7, len(table.columns)), "checkpoint", label)
+                frame.append(table)
+        table = pd.read_parquet(result.out / "tokens.parquet")
+        table["step"], table["checkpoint"] = step, label
+        tokens.append(table)
+        results.append(result)
+    summary = pd.concat(summaries, ignore_index=True)
+    atomic_write(out / "summary.csv", lambda tmp: summary.to_csv(tmp, index=False, float_format="%.6g"))
+    atomic_write(out / "tokens.parquet", lambda tmp: pd.concat(tokens, ignore_index=True).to_parquet(tmp, index=False))
+    if refinements:
+        refinement = pd.concat(refinements, ignore_index=True)
+        atomic_write(out / "refinement.csv", lambda tmp: refinement.to_csv(tmp, index=False))
+    plots.save_figure(plots.entropy_dynamics(summary), out / "entropy_dynamics")
+    manifest = {"models": [dict(label=l, step=s, model=m) for l, s, m in targets], "norm_mode": config.norm_mode,
+                "data": config.data, "checkpoints": [r.manifest for r in results]}
+    atomic_write_json(out / "manifest.json", manifest)
+    return EntropyResult(out, summary, results[-1].boundary, manifest)

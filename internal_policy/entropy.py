@@ -116,10 +116,25 @@ def fused_attention(bridge) -> Iterator[None]:
             object.__delattr__(attn, "forward")
 
 
+def limit_heap_fragmentation(threshold_bytes: int = 1 << 20) -> None:
+    """Serve allocations above 1 MB with mmap (returned to the OS on free) on glibc.
+
+    glibc raises its mmap threshold after large frees, so the many multi-MB activations of a long forward end up on
+    a heap that fragments: at 1500 tokens on SmolLM2 the peak RSS was 2.0 GB instead of 1.1 GB. No-op elsewhere.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, threshold_bytes)  # -3 = M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 class EntropyEngine:
     """Computes the per-token entropy table of tokenized samples for one loaded model."""
 
     def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None):
+        limit_heap_fragmentation()
         self.loaded = loaded
         self.config = config or EngineConfig()
         self.head = PolicyHead(
@@ -144,6 +159,20 @@ class EntropyEngine:
         if batch:
             yield batch
 
+    def inputs(self, samples: list[TokenizedSample]) -> tuple[Tensor, Tensor]:
+        """Right-padded input ids [B, T] and the flat indices b * T + position of the analysed positions [N].
+        With a causal mask, padding after a sequence never changes its states."""
+        pad = self.loaded.tokenizer.pad_token_id or 0
+        width = max(len(s.input_ids) for s in samples)
+        input_ids = torch.tensor([s.input_ids + [pad] * (width - len(s.input_ids)) for s in samples])
+        flat_index = torch.cat([b * width + torch.tensor(list(s.analysed_positions)) for b, s in enumerate(samples)])
+        return input_ids.to(self.loaded.device), flat_index.to(self.loaded.device)
+
+    def forward(self, input_ids: Tensor, hooks: list) -> None:
+        """One bridge forward with ``hooks``; the final [T x vocab] logits are never materialised (logits_to_keep=1)."""
+        with self.loaded.bridge.hooks(fwd_hooks=hooks), fused_attention(self.loaded.bridge):
+            self.loaded.bridge(input_ids, return_type=None, logits_to_keep=1, use_cache=False)
+
     @torch.inference_mode()
     def analyse(self, samples: list[TokenizedSample], sample_index: list[int] | None = None) -> pd.DataFrame:
         """Run one forward pass over ``samples`` (one batch) and return the long per-token table.
@@ -153,12 +182,7 @@ class EntropyEngine:
         policy produced (at position + 1).
         """
         n_layers = self.loaded.n_layers
-        pad = self.loaded.tokenizer.pad_token_id or 0
-        width = max(len(s.input_ids) for s in samples)
-        # Right padding: with a causal mask, padding after a sequence never changes its states.
-        input_ids = torch.tensor([s.input_ids + [pad] * (width - len(s.input_ids)) for s in samples])
-        positions = [torch.tensor(list(s.analysed_positions)) for s in samples]
-        flat_index = torch.cat([b * width + p for b, p in enumerate(positions)]).to(self.loaded.device)
+        input_ids, flat_index = self.inputs(samples)
 
         queue = _StateQueue(self.head, self.config.token_chunk)
         cosine: dict[tuple[str, int], Tensor] = {}
@@ -202,9 +226,7 @@ class EntropyEngine:
         last = "ln_final.hook_out" if self.config.norm_mode == "none" else f"blocks.{n_layers - 1}.hook_resid_post"
         hooks.append((last, record(("resid", n_layers))))
 
-        with self.loaded.bridge.hooks(fwd_hooks=hooks), fused_attention(self.loaded.bridge):
-            # logits_to_keep=1: the engine unembeds states itself; never materialise [T x vocab] final logits
-            self.loaded.bridge(input_ids.to(self.loaded.device), return_type=None, logits_to_keep=1, use_cache=False)
+        self.forward(input_ids, hooks)
         queue.flush()
         return self._table(samples, sample_index, queue.entropy, cosine)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import pandas as pd
 from .data import encode, load_samples, render_prompt
 from .errors import IPolicyError
 from .io import atomic_write, atomic_write_json
-from .loading import load_model
+from .loading import load_model, run_checkpoints
 from .rewards import load_reward, score
 from .rollouts import SamplingConfig, sample_responses
 
@@ -43,17 +42,6 @@ class EvalConfig:
     device: str = "auto"
 
 
-def model_folders(spec: str) -> list[tuple[str, str]]:
-    """A model spec, or a training run folder: (label, model) for its base model and every checkpoint."""
-    path = Path(spec)
-    if (path / "checkpoints").is_dir():
-        run = json.loads((path / "run.json").read_text()) if (path / "run.json").is_file() else {}
-        checkpoints = sorted((path / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-        base = [(f"{path.name}/step-0", run["base_model"])] if "base_model" in run else []
-        return base + [(f"{path.name}/{c.name}", str(c)) for c in checkpoints]
-    return [(spec, spec)]
-
-
 def evaluate(models: list[str], datasets: list[str], config: EvalConfig, out: Path, progress: bool = True) -> pd.DataFrame:
     """Write per-problem details (problems.csv) and the summary (summary.csv, summary.json) to ``out``."""
     for k in config.k:
@@ -64,7 +52,7 @@ def evaluate(models: list[str], datasets: list[str], config: EvalConfig, out: Pa
     for name, samples in data.items():
         if config.reward == "math" and any(s.answer is None for s in samples):
             raise IPolicyError(f"Dataset '{name}' has rows without a ground truth. Fix: add answers or use --reward FILE.py:FN.")
-    targets = [pair for spec in models for pair in model_folders(spec)]
+    targets = [(label, model) for spec in models for label, _, model in run_checkpoints(spec)]
     problems = []
     for label, model in targets:
         loaded = load_model(model, dtype=config.dtype, device=config.device)

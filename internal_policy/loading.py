@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import importlib.util
 import logging
 import os
@@ -226,3 +227,18 @@ def load_model(
         bridge=bridge,
         dtype=torch_dtype,
     )
+
+
+def run_checkpoints(spec: str) -> list[tuple[str, int, str]]:
+    """(label, step, model) for a model spec, or for a training run folder its base model (step 0, from run.json) and
+    every ``checkpoints/step-N`` in step order."""
+    path = Path(spec)
+    if not (path / "checkpoints").is_dir():
+        step = int(path.name.split("-")[1]) if path.name.startswith("step-") and path.name[5:].isdigit() else 0
+        return [(path.name if path.exists() else spec, step, spec)]
+    checkpoints = sorted(path.glob("checkpoints/step-*"), key=lambda p: int(p.name.split("-")[1]))
+    if not checkpoints:
+        raise IPolicyError(f"Run folder '{spec}' has no checkpoints/step-N. Fix: train with --save-every, or pass --model.")
+    run = json.loads((path / "run.json").read_text()) if (path / "run.json").is_file() else {}
+    base = [(f"{path.name}-step-0", 0, run["base_model"])] if run.get("base_model") else []
+    return base + [(f"{path.name}-{c.name}", int(c.name.split("-")[1]), str(c)) for c in checkpoints]

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt  # headless, matplotlib picks Agg by itself; in a notebook, the inline backend
+import pandas as pd
+import seaborn as sns
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-import seaborn as sns  # noqa: E402
-
-from .io import atomic_path  # noqa: E402
+from .io import atomic_path
 
 PALETTE = {"layer input": "#4C72B0", "attention output": "#DD8452", "FFN output": "#55A868", "layer output": "#C44E52"}
 
@@ -73,3 +70,135 @@ def entropy_change(summary: pd.DataFrame, boundary: int | None = None, title: st
     ax.set_title(title or f"Module entropy change (norm mode: {norm_mode}); >0 explores, <0 converges")
     ax.legend(frameon=True, fontsize=8, ncol=2)
     return fig
+
+
+def entropy_dynamics(summary: pd.DataFrame, module: str = "layer"):
+    """Entropy of each layer's output policy across checkpoints: a layer x step heatmap and one line per layer."""
+    _style()
+    part = summary[summary["module"] == module]
+    grid = part.pivot_table(index="layer", columns="step", values="entropy_out_mean")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [1.1, 1]})
+    sns.heatmap(grid, ax=left, cmap="viridis", cbar_kws={"label": "mean entropy H(h_l) (nats)"})
+    left.invert_yaxis()
+    left.set_xlabel("training step")
+    left.set_ylabel("layer l")
+    left.set_title("Layer policy entropy across checkpoints")
+    palette = sns.color_palette("viridis", n_colors=len(grid.index))
+    for color, (layer, values) in zip(palette, grid.iterrows()):
+        right.plot(grid.columns, values.values, marker="o", markersize=3, color=color, linewidth=1.2, label=f"layer {layer}")
+    right.set_xlabel("training step")
+    right.set_ylabel("mean entropy (nats)")
+    right.set_title("One line per layer")
+    if len(grid.index) <= 12:
+        right.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+TRAINING_PANELS = (
+    ("reward_mean", "mean reward"),
+    ("accuracy", "accuracy"),
+    ("response_len_mean", "response length (tokens)"),
+    ("entropy", "final policy entropy (nats)"),
+    ("internal_entropy", "internal policy entropy (nats)"),
+)
+
+
+def training_curves(runs: dict[str, pd.DataFrame]):
+    """GRPO vs BuPO training curves. ``runs`` maps a label (e.g. 'BuPO seed 1') to its metrics.jsonl table; runs whose
+    labels share the part before ' seed' are drawn in one colour with the spread across seeds as a band."""
+    _style()
+    frames = []
+    for label, metrics in runs.items():
+        frame = metrics.copy()
+        frame["run"] = label
+        frame["method"] = label.split(" seed")[0]
+        frames.append(frame)
+    data = pd.concat(frames, ignore_index=True)
+    fig, axes = plt.subplots(1, len(TRAINING_PANELS), figsize=(4.0 * len(TRAINING_PANELS), 3.6))
+    for ax, (column, label) in zip(axes, TRAINING_PANELS):
+        sns.lineplot(data=data, x="step", y=column, hue="method", errorbar=("pi", 100), ax=ax, marker="o", markersize=3)
+        ax.set_xlabel("training step")
+        ax.set_ylabel(label)
+        if ax is not axes[0] and ax.get_legend():
+            ax.get_legend().remove()
+    internal = data[data["phase"] == "internal"]["step"]
+    if len(internal):
+        for ax in axes:
+            ax.axvspan(0.5, internal.max() + 0.5, color="gray", alpha=0.08, linewidth=0)
+    fig.suptitle("Training curves (shaded: BuPO internal phase; bands: min–max over seeds)", y=1.02)
+    fig.tight_layout()
+    return fig
+
+
+def feature_refinement(refinement: pd.DataFrame):
+    """Fig. 5: cos(h_k, h_j) and KL(pi(h_k) || pi(h_j)) against the higher layer j, one line per checkpoint."""
+    _style()
+    data = refinement.copy()
+    if "step" not in data:
+        data["step"] = 0
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
+    sns.lineplot(data=data, x="layer_j", y="cos_mean", hue="step", palette="viridis", marker="o", markersize=3, ax=left)
+    sns.lineplot(data=data, x="layer_j", y="kl_mean", hue="step", palette="viridis", marker="o", markersize=3, ax=right)
+    k = int(data["layer_k"].iloc[0])
+    left.set(xlabel="higher layer j", ylabel=f"cos(h_{k}, h_j)", title=f"Feature refinement of layer {k}: similarity")
+    right.set(xlabel="higher layer j", ylabel=f"KL(π(h_{k}) ‖ π(h_j)) (nats)", title="Policy divergence")
+    for ax in (left, right):
+        ax.legend(title="step", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def pass_at_k_curves(problems: pd.DataFrame):
+    """Mean pass@k against k (log scale) per model, one panel per dataset, from an eval's problems.csv."""
+    _style()
+    columns = sorted((c for c in problems.columns if c.startswith("pass@")), key=lambda c: int(c[5:]))
+    long = problems.melt(id_vars=["model", "dataset"], value_vars=columns, var_name="k", value_name="pass")
+    long["k"] = long["k"].str[5:].astype(int)
+    datasets = list(dict.fromkeys(long["dataset"]))
+    fig, axes = plt.subplots(1, len(datasets), figsize=(4.5 * len(datasets), 3.6), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets):
+        part = long[long["dataset"] == dataset].groupby(["model", "k"], sort=False)["pass"].mean().reset_index()
+        sns.lineplot(data=part, x="k", y="pass", hue="model", marker="o", ax=ax)
+        ax.set_xscale("log", base=2)
+        ax.set(xlabel="k", ylabel="pass@k", title=str(dataset), ylim=(0, 1))
+    fig.tight_layout()
+    return fig
+
+
+def figures_from_results(results: list[Path], out: Path, formats: tuple[str, ...] = ("png", "pdf")) -> list[Path]:
+    """The paper's figure set from stored results. Each folder is recognised by its files: an entropy result
+    (summary.csv; with a step column, across checkpoints; refinement.csv), a training run (metrics.jsonl), or an
+    evaluation (problems.csv). Training runs are drawn together, labelled GRPO/BuPO and seed."""
+    import json
+
+    from .errors import IPolicyError
+    from .results import boundary_layer
+
+    written: list[Path] = []
+    runs: dict[str, pd.DataFrame] = {}
+    for folder in map(Path, results):
+        name = folder.name
+        if (folder / "summary.csv").is_file() and "layer" in pd.read_csv(folder / "summary.csv", nrows=1).columns:
+            summary = pd.read_csv(folder / "summary.csv")
+            norm = str(summary["norm_mode"].iloc[0]) if "norm_mode" in summary else "none"
+            if "step" in summary:
+                written += save_figure(entropy_dynamics(summary), out / f"{name}_entropy_dynamics", formats)
+                summary = summary[summary["step"] == summary["step"].max()]
+            written += save_figure(entropy_flow(summary, f"{name}: internal policy entropy", norm), out / f"{name}_entropy_flow", formats)
+            written += save_figure(entropy_change(summary, boundary_layer(summary), f"{name}: module entropy change", norm),
+                                   out / f"{name}_entropy_change", formats)
+            if (folder / "refinement.csv").is_file():
+                written += save_figure(feature_refinement(pd.read_csv(folder / "refinement.csv")), out / f"{name}_refinement", formats)
+        elif (folder / "metrics.jsonl").is_file():
+            run = json.loads((folder / "run.json").read_text()) if (folder / "run.json").is_file() else {}
+            config = run.get("config", {})
+            method = "BuPO" if run.get("internal_layer") and config.get("internal_steps") else "GRPO"
+            runs[f"{method} seed {config.get('seed', name)}"] = pd.read_json(folder / "metrics.jsonl", lines=True)
+        elif (folder / "problems.csv").is_file():
+            written += save_figure(pass_at_k_curves(pd.read_csv(folder / "problems.csv")), out / f"{name}_pass_at_k", formats)
+        else:
+            raise IPolicyError(f"'{folder}' holds no results ipolicy knows (summary.csv, metrics.jsonl or problems.csv). Fix: pass result folders.")
+    if runs:
+        written += save_figure(training_curves(runs), out / "training_curves", formats)
+    return written

@@ -285,14 +285,18 @@ class Trainer:
         for start in range(0, len(rows), self.config.micro_batch_size):
             ids, mask, b, pos, tgt = self._batch(rows[start : start + self.config.micro_batch_size])
             phase, states = self._phase_states(model, ids, mask, layer, keep={self.monitor_layer})
-            ref = None
-            if self.reference is not None:
-                ref_states, _ = self._phase_states(self.reference, ids, mask, layer)
-                ref = self.head.log_probs(ref_states[b, pos], tgt)
-            out.append(dict(logp=self.head.log_probs(phase[b, pos], tgt), ref=ref,
+            out.append(dict(logp=self.head.log_probs(phase[b, pos], tgt), ref=self._reference_log_probs(ids, mask, b, pos, tgt, layer),
                             entropy=self.head.entropy(states["final"][b, pos]),
                             internal_entropy=self.head.entropy(states[self.monitor_layer][b, pos])))
         return out
+
+    @torch.no_grad()
+    def _reference_log_probs(self, ids, mask, b, pos, tgt, layer: int | None):
+        """log-probs of the frozen base model's policy of the same phase (for the KL penalty), or None."""
+        if self.reference is None:
+            return None
+        states, _ = self._phase_states(self.reference, ids, mask, layer)
+        return self.head.log_probs(states[b, pos], tgt)
 
     def train_step(self, step: int) -> dict:
         c = self.config
@@ -305,7 +309,11 @@ class Trainer:
         advantages = group_advantages(rewards, scale_std=c.scale_std)
         rows = [(g.prompt_ids, r) for g in groups for r in g.responses]
         row_advantage = advantages.flatten().tolist()
-        old = self._old_log_probs(rows, layer)
+        # On-policy (one epoch, one mini-batch, full policy): the old log-probs equal the new ones before the update,
+        # so the separate no-grad pass is skipped; old = new.detach() and the logged entropies come from the same
+        # forward. Otherwise one no-grad pass computes them first.
+        on_policy = layer is None and c.ppo_epochs == 1 and (c.mini_batch_prompts or len(groups)) >= len(groups)
+        old = [] if on_policy else self._old_log_probs(rows, layer)
         micro = c.micro_batch_size
         old_by_row = {}
         for chunk_index, chunk in enumerate(old):
@@ -324,17 +332,24 @@ class Trainer:
                 for start in range(0, len(mini_rows), micro):
                     chosen = mini_rows[start : start + micro]
                     ids, mask, b, pos, tgt = self._batch([rows[r] for r in chosen])
-                    states, _ = self._phase_states(self.model, ids, mask, layer)
+                    keep = {self.monitor_layer} if on_policy else set()
+                    states, captured = self._phase_states(self.model, ids, mask, layer, keep=keep)
                     entropy = None
                     if c.entropy_coef:
                         logp, entropy = self.head.log_probs_and_entropy(states[b, pos], tgt)
                     else:
                         logp = self.head.log_probs(states[b, pos], tgt)
-                    cat = lambda key: torch.cat([old_by_row[r][key] for r in chosen])  # noqa: E731
+                    if on_policy:
+                        old.append(dict(logp=logp.detach(), ref=self._reference_log_probs(ids, mask, b, pos, tgt, layer),
+                                        entropy=self.head.entropy(states[b, pos].detach()),
+                                        internal_entropy=self.head.entropy(captured[self.monitor_layer][b, pos].detach())))
+                        old_logp, ref = old[-1]["logp"], old[-1]["ref"]
+                    else:
+                        old_logp = torch.cat([old_by_row[r]["logp"] for r in chosen])
+                        ref = torch.cat([old_by_row[r]["ref"] for r in chosen]) if self.reference is not None else None
                     adv = torch.cat([torch.full((len(rows[r][1]),), row_advantage[r]) for r in chosen]).to(logp.device)
                     terms = clipped_policy_loss(
-                        logp, cat("logp"), adv, normaliser, c.clip_low, c.clip_high,
-                        cat("ref") if self.reference is not None else None, c.kl_coef, entropy, c.entropy_coef,
+                        logp, old_logp, adv, normaliser, c.clip_low, c.clip_high, ref, c.kl_coef, entropy, c.entropy_coef
                     )
                     self.accelerator.backward(terms.loss)
                     stats["clip_frac"].append(terms.clip_frac)
@@ -421,7 +436,9 @@ class Trainer:
         )
         shutil.rmtree(final, ignore_errors=True)
         staging.rename(final)
-        atomic_write_text(self.out / "run.json", json.dumps({"base_model": self.config.model, "config": asdict(self.config),
+        base = Path(self.config.model)
+        base_model = str(base.resolve()) if base.exists() else self.config.model  # a run folder can move; a path cannot
+        atomic_write_text(self.out / "run.json", json.dumps({"base_model": base_model, "config": asdict(self.config),
                                                              "internal_layer": self.internal_layer}, indent=2, default=str))
         return final
 

@@ -96,3 +96,39 @@ def reference_summary(model, tokenizer, rows, norm_mode="none", dtype=torch.floa
              delta_mean=("delta", "mean"), n_tokens=("delta", "size"), cos_resid_mean=("cos_resid", "mean"))
         .reset_index()
     )
+
+
+def reference_refinement(model, tokenizer, rows, layer_k: int) -> pd.DataFrame:
+    """cos(h_k, h_j) and KL(pi(h_k) || pi(h_j)) for j > k, token means, float64; pi(h_L) is the real policy."""
+    model = model.to(torch.float64)
+    decoder, lm_head = _decoder(model), model.lm_head
+    L = len(decoder.layers)
+    sums = {j: [0.0, 0.0] for j in range(layer_k + 1, L + 1)}
+    count = 0
+    for row in rows:
+        prompt = row["prompt"]
+        if not isinstance(prompt, str):
+            prompt = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        r_ids = tokenizer(row["response"], add_special_tokens=False)["input_ids"]
+        pos = list(range(len(p_ids) - 1, len(p_ids) + len(r_ids) - 1))
+        with torch.no_grad():
+            out = model(torch.tensor([p_ids + r_ids]), output_hidden_states=True)
+        outputs = {}
+        handles = [layer.register_forward_hook(lambda m, i, o, n=n: outputs.__setitem__(n + 1, o[0] if isinstance(o, tuple) else o))
+                   for n, layer in enumerate(decoder.layers)]
+        with torch.no_grad():
+            model(torch.tensor([p_ids + r_ids]))
+        for h in handles:
+            h.remove()
+        del out
+        h_k = outputs[layer_k][0, pos]
+        logp_k = torch.log_softmax(lm_head(h_k), -1)
+        for j in sums:
+            h_j = outputs[j][0, pos]
+            policy_j = decoder.norm(h_j) if j == L else h_j
+            logp_j = torch.log_softmax(lm_head(policy_j), -1)
+            sums[j][0] += torch.cosine_similarity(h_k, h_j, dim=-1).sum().item()
+            sums[j][1] += (logp_k.exp() * (logp_k - logp_j)).sum().item()
+        count += len(pos)
+    return pd.DataFrame([{"layer_j": j, "cos_ref": c / count, "kl_ref": kl / count} for j, (c, kl) in sums.items()])

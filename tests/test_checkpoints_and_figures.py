@@ -1,0 +1,90 @@
+"""Entropy across training checkpoints, feature refinement, and `ipolicy figures`."""
+
+import json
+
+import matplotlib.image
+import pandas as pd
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from cli_helpers import run_cli
+from conftest import ROWS
+from reference import reference_refinement, reference_summary
+
+REWARD = "def fn(prompt, response, ground_truth):\n    return sum(c.isdigit() for c in response) / max(1, len(response))\n"
+
+
+@pytest.fixture(scope="module")
+def bupo_run(tiny_llama, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bupo")
+    (folder / "rewards.py").write_text(REWARD)
+    (folder / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"What is {a} + 1?", "answer": str(a + 1)}) + "\n" for a in range(6)))
+    result = run_cli("train-bupo", "--model", tiny_llama, "--data", folder / "prompts.jsonl", "--reward", f"{folder / 'rewards.py'}:fn",
+                     "--steps", "3", "--internal-layer", "2", "--internal-steps", "1", "--prompts-per-step", "2",
+                     "--group-size", "4", "--max-new-tokens", "8", "--lr", "1e-2", "--save-every", "1", "--out", folder / "run", "-q")
+    assert result.exit_code == 0, result.output
+    return folder / "run"
+
+
+@pytest.fixture(scope="module")
+def across_checkpoints(bupo_run, rows_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("dynamics") / "out"
+    result = run_cli("entropy", "--run", bupo_run, "--data", rows_file, "--out", out, "--refine-layer", "2", "-q")
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_entropy_across_checkpoints_matches_reference(bupo_run, across_checkpoints):
+    summary = pd.read_csv(across_checkpoints / "summary.csv")
+    assert list(summary.columns[:8]) == ["layer", "module", "entropy_in_mean", "entropy_out_mean", "delta_mean",
+                                         "n_tokens", "step", "checkpoint"]
+    assert sorted(summary["step"].unique()) == [0, 1, 2, 3]
+    last = summary[summary["step"] == 3]
+    checkpoint = bupo_run / "checkpoints" / "step-3"
+    reference = reference_summary(AutoModelForCausalLM.from_pretrained(checkpoint), AutoTokenizer.from_pretrained(checkpoint), ROWS)
+    merged = last.merge(reference, on=["layer", "module"], suffixes=("", "_ref"))
+    assert len(merged) == 12
+    for column in ("entropy_in_mean", "entropy_out_mean", "delta_mean"):
+        assert (merged[column] - merged[f"{column}_ref"]).abs().max() < 1e-3
+    assert (merged["n_tokens"] == merged["n_tokens_ref"]).all()
+    # the weights really changed between checkpoints, and every checkpoint saw the same tokens
+    by_step = summary[summary.module == "layer"].pivot_table(index="layer", columns="step", values="entropy_out_mean")
+    assert (by_step[3] - by_step[0]).abs().max() > 1e-3
+    tokens = pd.read_parquet(across_checkpoints / "tokens.parquet", columns=["step", "sample", "position", "token_id"])
+    per_step = [frame.drop(columns="step").drop_duplicates().sort_values(["sample", "position"]).reset_index(drop=True)
+                for _, frame in tokens.groupby("step")]
+    assert all(frame.equals(per_step[0]) for frame in per_step)
+
+
+def test_feature_refinement_matches_reference(bupo_run, across_checkpoints):
+    refinement = pd.read_csv(across_checkpoints / "refinement.csv")
+    assert sorted(refinement["step"].unique()) == [0, 1, 2, 3] and set(refinement["layer_j"]) == {3, 4}
+    checkpoint = bupo_run / "checkpoints" / "step-2"
+    reference = reference_refinement(AutoModelForCausalLM.from_pretrained(checkpoint), AutoTokenizer.from_pretrained(checkpoint), ROWS, 2)
+    merged = refinement[refinement.step == 2].merge(reference, on="layer_j")
+    assert (merged["cos_mean"] - merged["cos_ref"]).abs().max() < 1e-4
+    assert (merged["kl_mean"] - merged["kl_ref"]).abs().max() < 1e-3
+    assert merged["kl_ref"].min() > 1e-3  # the divergence is real, so the check can fail
+
+
+def _looks_like_a_figure(path):
+    image = matplotlib.image.imread(path)
+    assert image.shape[0] > 300 and image.shape[1] > 500
+    assert image[..., :3].std() > 0.05  # not blank
+
+
+def test_figures_command(across_checkpoints, bupo_run, tiny_llama, rows_file, tmp_path):
+    evaluation = tmp_path / "eval"
+    reward = f"{bupo_run.parent / 'rewards.py'}:fn"
+    assert run_cli("eval", "--model", bupo_run, "--data", bupo_run.parent / "prompts.jsonl", "--reward", reward,
+                   "--n", "4", "--k", "1", "--k", "2", "--k", "4", "--max-new-tokens", "4", "-o", evaluation, "-q").exit_code == 0
+    assert set(pd.read_csv(evaluation / "summary.csv")["model"]) == {f"run-step-{i}" for i in range(4)}
+    out = tmp_path / "figures"
+    result = run_cli("figures", across_checkpoints, bupo_run, evaluation, "--out", out)
+    assert result.exit_code == 0, result.output
+    expected = ["out_entropy_dynamics", "out_entropy_flow", "out_entropy_change", "out_refinement", "training_curves", "eval_pass_at_k"]
+    for name in expected:
+        _looks_like_a_figure(out / f"{name}.png")
+        assert (out / f"{name}.pdf").read_bytes()[:4] == b"%PDF"
+    bad = run_cli("figures", tmp_path / "nothing", "--out", out)
+    assert bad.exit_code == 2 and "holds no results" in bad.output
