@@ -104,7 +104,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--problems", type=int, default=8)
     parser.add_argument("--response-tokens", type=int, default=128)
-    parser.add_argument("--memory-tokens", type=int, default=3000)
+    parser.add_argument("--memory-tokens", type=int, default=3000, help="0 skips the memory measurement")
     parser.add_argument("--reference-memory", action="store_true", help="also measure the straightforward one (slow)")
     parser.add_argument("--memory-child", choices=["engine", "reference"], help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "entropy.json")
@@ -156,7 +156,7 @@ def main() -> None:
     results["engine_fast_tokens_per_s"] = n_tokens / results["engine_fast_s"]
     results["straightforward_tokens_per_s"] = n_tokens / results["straightforward_s"]
 
-    for impl in ["engine"] + (["reference"] if args.reference_memory else []):
+    for impl in (["engine"] + (["reference"] if args.reference_memory else [])) if args.memory_tokens > 0 else []:
         child = subprocess.run([sys.executable, __file__, "--memory-child", impl, "--memory-tokens", str(args.memory_tokens)],
                                capture_output=True, text=True, check=True)
         results[f"memory_{impl}"] = json.loads(child.stdout.strip().splitlines()[-1])

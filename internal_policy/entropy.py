@@ -116,25 +116,10 @@ def fused_attention(bridge) -> Iterator[None]:
             object.__delattr__(attn, "forward")
 
 
-def limit_heap_fragmentation(threshold_bytes: int = 1 << 20) -> None:
-    """Serve allocations above 1 MB with mmap (returned to the OS on free) on glibc.
-
-    glibc raises its mmap threshold after large frees, so the many multi-MB activations of a long forward end up on
-    a heap that fragments: at 1500 tokens on SmolLM2 the peak RSS was 2.0 GB instead of 1.1 GB. No-op elsewhere.
-    """
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").mallopt(-3, threshold_bytes)  # -3 = M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
-
-
 class EntropyEngine:
     """Computes the per-token entropy table of tokenized samples for one loaded model."""
 
     def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None):
-        limit_heap_fragmentation()
         self.loaded = loaded
         self.config = config or EngineConfig()
         self.head = PolicyHead(

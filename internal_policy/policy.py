@@ -42,6 +42,7 @@ class PolicyHead:
     token_chunk: int = 512
     vocab_block: int = 4096
     _weight_cache: dict = field(default_factory=dict, repr=False)
+    _scratch_cache: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if self.norm_mode not in NORM_MODES:
@@ -97,6 +98,15 @@ class PolicyHead:
             )
         return self._weight_cache["weight"], self._weight_cache["bias"]
 
+    def _scratch(self, name: str, rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """A reused contiguous [rows, cols] buffer: the kernel allocates nothing large per block, which keeps the
+        allocator from fragmenting the heap during long forwards."""
+        key = (name, dtype, device)
+        buffer = self._scratch_cache.get(key)
+        if buffer is None or buffer.numel() < rows * cols:
+            buffer = self._scratch_cache[key] = torch.empty(self.token_chunk * self.vocab_block, dtype=dtype, device=device)
+        return buffer[: rows * cols].view(rows, cols)
+
     def _entropy_chunk(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         n = x.shape[0]
         running_max = torch.full((n,), -torch.inf, device=x.device)
@@ -104,7 +114,14 @@ class PolicyHead:
         sum_exp_z = torch.zeros(n, device=x.device)  # T = sum_j exp(z_j - running_max) * (z_j - running_max)
         inv_temperature = 1.0 / self.temperature
         for start in range(0, weight.shape[0], self.vocab_block):
-            z = (x @ weight[start : start + self.vocab_block].T).float()
+            block = weight[start : start + self.vocab_block]
+            z = self._scratch("z", n, block.shape[0], torch.float32, x.device)
+            if x.dtype == torch.float32:
+                torch.matmul(x, block.T, out=z)
+            else:  # fast mode: bf16 matmul, then float32 for the reductions
+                low = self._scratch("z_low", n, block.shape[0], x.dtype, x.device)
+                torch.matmul(x, block.T, out=low)
+                z.copy_(low)
             if bias is not None:
                 z += bias[start : start + self.vocab_block]
             if inv_temperature != 1.0:
@@ -113,12 +130,14 @@ class PolicyHead:
             z -= new_max[:, None]
             # exp(t) for t < -87 underflows float32 and takes a slow path (6-12x); such a term adds < 1e-36 nats
             z.clamp_(min=_EXP_FLOOR)
-            e = torch.exp(z)
+            e = self._scratch("e", n, block.shape[0], torch.float32, x.device)
+            torch.exp(z, out=e)
+            block_sum = e.sum(dim=-1)
+            block_sum_z = e.mul_(z).sum(dim=-1)
             # Re-express the running sums relative to the new max: e_old' = e_old * c and z' = z - shift.
             shift = new_max - running_max  # >= 0; inf on the first block, where the sums are still zero
             c = torch.exp(-shift)
-            sum_exp_z = (sum_exp_z - sum_exp * torch.where(sum_exp > 0, shift, 0.0)) * c + torch.linalg.vecdot(e, z)
-            sum_exp = sum_exp * c + e.sum(dim=-1)
+            sum_exp_z = (sum_exp_z - sum_exp * torch.where(sum_exp > 0, shift, 0.0)) * c + block_sum_z
+            sum_exp = sum_exp * c + block_sum
             running_max = new_max
         return torch.log(sum_exp) - sum_exp_z / sum_exp
-

