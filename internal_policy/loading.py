@@ -234,7 +234,10 @@ def run_checkpoints(spec: str) -> list[tuple[str, int, str]]:
     every ``checkpoints/step-N`` in step order."""
     path = Path(spec)
     if not (path / "checkpoints").is_dir():
-        step = int(path.name.split("-")[1]) if path.name.startswith("step-") and path.name[5:].isdigit() else 0
+        is_checkpoint = path.name.startswith("step-") and path.name[5:].isdigit()
+        step = int(path.name[5:]) if is_checkpoint else 0
+        if is_checkpoint and path.parent.name == "checkpoints":  # RUN/checkpoints/step-N -> "RUN-step-N"
+            return [(f"{path.parent.parent.name}-{path.name}", step, spec)]
         return [(path.name if path.exists() else spec, step, spec)]
     checkpoints = sorted(path.glob("checkpoints/step-*"), key=lambda p: int(p.name.split("-")[1]))
     if not checkpoints:

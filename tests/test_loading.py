@@ -38,3 +38,5 @@ def test_run_checkpoints_lists_base_and_steps(tmp_path):
         ("myrun-step-10", 10, str(run / "checkpoints" / "step-10")),
     ]
     assert run_checkpoints("org/model") == [("org/model", 0, "org/model")]
+    step = str(run / "checkpoints" / "step-10")
+    assert run_checkpoints(step) == [("myrun-step-10", 10, step)]  # two runs' checkpoints keep distinct labels
