@@ -33,7 +33,6 @@ DATA = ROOT.parent / "shared" / "data" / "math500.parquet"
 from internal_policy.data import Sample, load_samples, tokenize_sample  # noqa: E402
 from internal_policy.entropy import EngineConfig, EntropyEngine  # noqa: E402
 from internal_policy.loading import load_model  # noqa: E402
-from internal_policy.rollouts import SamplingConfig, sample_responses  # noqa: E402
 
 
 def peak_matmul_gflops(d: int, vocab: int, dtype: torch.dtype) -> float:

@@ -197,8 +197,7 @@ def run_entropy_checkpoints(models: list[str], config: EntropyRunConfig, out: Pa
             sub_config = replace(sub_config, data=str(out / "samples.jsonl"), limit=None, samples=1)
         result = run_entropy(sub_config, out / "checkpoints" / folder, overwrite=overwrite, progress=progress)
         if i == 0:
-            shutil.copyfile(result.out / "samples.jsonl", out / ".samples.jsonl.tmp")
-            (out / ".samples.jsonl.tmp").replace(out / "samples.jsonl")
+            atomic_write(out / "samples.jsonl", lambda tmp: shutil.copyfile(result.out / "samples.jsonl", tmp))
         for frame, name in ((summaries, "summary.csv"), (refinements, "refinement.csv")):
             if (result.out / name).is_file():
                 table = pd.read_csv(result.out / name)
