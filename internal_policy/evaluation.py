@@ -58,9 +58,8 @@ def evaluate(models: list[str], datasets: list[str], config: EvalConfig, out: Pa
         loaded = load_model(model, dtype=config.dtype, device=config.device)
         for name, samples in data.items():
             prompts = [encode(loaded.tokenizer, render_prompt(loaded.tokenizer, s.prompt)) for s in samples]
-            expanded = [p for p in prompts for _ in range(config.n)]
             sampling = SamplingConfig(config.max_new_tokens, config.temperature, config.top_p, config.batch_size, config.seed)
-            responses = sample_responses(loaded, expanded, sampling, progress=progress)
+            responses = sample_responses(loaded, prompts, sampling, per_prompt=config.n, progress=progress)
             for i, sample in enumerate(samples):
                 texts = [loaded.tokenizer.decode(r, skip_special_tokens=True) for r in responses[i * config.n : (i + 1) * config.n]]
                 correct = [score(reward_fn, render_prompt(loaded.tokenizer, sample.prompt), t, sample.answer) >= 1.0 for t in texts]

@@ -21,6 +21,15 @@ _EXP_FLOOR = -87.0
 NORM_MODES = ("none", "final")
 
 
+def entropy_from_logits(logits: Tensor) -> Tensor:
+    """Entropy in nats of softmax(logits) along the last axis, as log S - sum_j p_j z_j with z = logits - max
+    (one logsumexp, no log of probabilities). [..., vocab] -> [...] float32."""
+    z = logits.float()
+    z = z - z.amax(dim=-1, keepdim=True)
+    log_sum = torch.logsumexp(z, dim=-1)
+    return log_sum - (torch.softmax(z, dim=-1) * z).sum(-1)
+
+
 @dataclass
 class PolicyHead:
     """Reads residual states as policies with the model's own unembedding.

@@ -29,8 +29,9 @@ from .io import atomic_write_text
 from .loading import DEFAULT_MODEL, LoadedModel, load_model
 from .losses import clipped_policy_loss, group_advantages
 from .policy import PolicyHead
+from .prefix import response_states
 from .rewards import load_reward, score
-from .rollouts import SamplingConfig, sample_responses
+from .rollouts import SamplingConfig, sample_with_entropy
 
 STATE_FILE = "trainer_state.pt"
 
@@ -78,36 +79,7 @@ class Rollout:
     responses: list[list[int]]
     rewards: list[float]
     texts: list[str] = field(default_factory=list)
-
-
-class _StopForward(Exception):
-    pass
-
-
-def residual_states(model, input_ids: Tensor, attention_mask: Tensor, layers: set[int], stop_after: int | None = None):
-    """Residual states of a Hugging Face decoder in one forward: {l: h_l} for l in ``layers`` (1-based outputs of
-    layer l), plus {"final": LNf(h_L)} unless the forward stops early right after layer ``stop_after``."""
-    decoder = model.get_decoder()
-    captured: dict = {}
-
-    def hook_for(l):
-        def hook(module, inputs, output):
-            captured[l] = output[0] if isinstance(output, tuple) else output
-            if l == stop_after:
-                raise _StopForward
-
-        return hook
-
-    wanted = set(layers) | ({stop_after} if stop_after else set())
-    handles = [decoder.layers[l - 1].register_forward_hook(hook_for(l)) for l in wanted]
-    try:
-        captured["final"] = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-    except _StopForward:
-        pass
-    finally:
-        for handle in handles:
-            handle.remove()
-    return captured
+    entropies: list[Tensor] = field(default_factory=list)  # per response: the sampling policy's entropy per token
 
 
 class Trainer:
@@ -216,18 +188,18 @@ class Trainer:
     # ---------------------------------------------------------------- rollouts
     def rollouts(self, step: int, indices: list[int]) -> list[Rollout]:
         c = self.config
-        prompt_ids = [self.prompt_ids[i] for i in indices for _ in range(c.group_size)]
-        sampling = SamplingConfig(c.max_new_tokens, c.temperature, c.top_p, batch_size=len(prompt_ids),
+        prompt_ids = [self.prompt_ids[i] for i in indices]
+        sampling = SamplingConfig(c.max_new_tokens, c.temperature, c.top_p, batch_size=len(prompt_ids) * c.group_size,
                                   seed=c.seed * 1_000_003 + step * 101 + self.accelerator.process_index)
         model = self.accelerator.unwrap_model(self.model)
         unwrapped = LoadedModel(**{**self.loaded.__dict__, "hf_model": model})
-        responses = sample_responses(unwrapped, prompt_ids, sampling)
+        responses, entropies = sample_with_entropy(unwrapped, prompt_ids, sampling, per_prompt=c.group_size)
         groups = []
         for j, i in enumerate(indices):
-            group = responses[j * c.group_size : (j + 1) * c.group_size]
-            texts = [self.tokenizer.decode(r, skip_special_tokens=True) for r in group]
+            members = slice(j * c.group_size, (j + 1) * c.group_size)
+            texts = [self.tokenizer.decode(r, skip_special_tokens=True) for r in responses[members]]
             rewards = [score(self.reward_fn, self._prompt_text(i), t, self.samples[i].answer) for t in texts]
-            groups.append(Rollout(self.samples[i], self.prompt_ids[i], group, rewards, texts))
+            groups.append(Rollout(self.samples[i], self.prompt_ids[i], responses[members], rewards, texts, entropies[members]))
         return groups
 
     def _boundary_layer_of_first_rollouts(self) -> int:
@@ -248,54 +220,40 @@ class Trainer:
         return k
 
     # ---------------------------------------------------------------- one step
-    def _batch(self, rows: list[tuple[list[int], list[int]]]):
-        """Right-padded input ids, attention mask, and (batch, position) indices + targets of response tokens."""
-        pad = self.tokenizer.pad_token_id or 0
-        width = max(len(p) + len(r) for p, r in rows)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        batch_index, positions, targets = [], [], []
-        for b, (p, r) in enumerate(rows):
-            seq = p + r
-            ids[b, : len(seq)] = torch.tensor(seq)
-            mask[b, : len(seq)] = 1
-            batch_index += [b] * len(r)
-            positions += range(len(p) - 1, len(p) + len(r) - 1)
-            targets += r
-        device = self.loaded.device
-        return ids.to(device), mask.to(device), torch.tensor(batch_index, device=device), \
-            torch.tensor(positions, device=device), torch.tensor(targets, device=device)
-
     def _policy_layer(self, step: int) -> int | None:
         return self.internal_layer if self.internal_layer and step <= self.config.internal_steps else None
 
-    def _phase_states(self, model, ids, mask, layer: int | None, keep: set[int] = frozenset()):
-        """States of the phase's policy (h_K, or LNf(h_L) when layer is None) and of the layers in ``keep``."""
-        states = residual_states(model, ids, mask, set(keep) | ({layer} if layer else set()),
-                                 stop_after=layer if not keep else None)
+    def _phase_states(self, model, rows, layer: int | None, keep: set[int] = frozenset()):
+        """For the response tokens of ``rows``, [N, d] each: the states of the phase's policy (h_K, or LNf(h_L) when
+        layer is None), and {l: h_l} for the layers in ``keep``. The forward stops at the highest layer it needs."""
+        wanted = set(keep) | ({layer} if layer else set())
+        states = response_states(model, rows, wanted, stop_after=max(wanted) if layer else None,
+                                 pad=self.tokenizer.pad_token_id or 0)
         return states[layer or "final"], states
 
+    def _targets(self, rows) -> Tensor:
+        return torch.tensor([t for _, r in rows for t in r], device=self.loaded.device)
+
     @torch.no_grad()
-    def _old_log_probs(self, rows, layer: int | None):
+    def _old_log_probs(self, rows, layer: int | None) -> list[dict]:
         """Per micro-batch, before the update: log-probs under the phase's policy, the reference's (KL), and the
-        logged entropies of the final and the monitored layer policy. One full forward each."""
+        logged entropy of the monitored layer's policy."""
         out = []
         model = self.accelerator.unwrap_model(self.model)
         for start in range(0, len(rows), self.config.micro_batch_size):
-            ids, mask, b, pos, tgt = self._batch(rows[start : start + self.config.micro_batch_size])
-            phase, states = self._phase_states(model, ids, mask, layer, keep={self.monitor_layer})
-            out.append(dict(logp=self.head.log_probs(phase[b, pos], tgt), ref=self._reference_log_probs(ids, mask, b, pos, tgt, layer),
-                            entropy=self.head.entropy(states["final"][b, pos]),
-                            internal_entropy=self.head.entropy(states[self.monitor_layer][b, pos])))
+            chunk = rows[start : start + self.config.micro_batch_size]
+            phase, states = self._phase_states(model, chunk, layer, keep={self.monitor_layer})
+            out.append(dict(logp=self.head.log_probs(phase, self._targets(chunk)), ref=self._reference_log_probs(chunk, layer),
+                            internal_entropy=self.head.entropy(states[self.monitor_layer])))
         return out
 
     @torch.no_grad()
-    def _reference_log_probs(self, ids, mask, b, pos, tgt, layer: int | None):
+    def _reference_log_probs(self, rows, layer: int | None):
         """log-probs of the frozen base model's policy of the same phase (for the KL penalty), or None."""
         if self.reference is None:
             return None
-        states, _ = self._phase_states(self.reference, ids, mask, layer)
-        return self.head.log_probs(states[b, pos], tgt)
+        states, _ = self._phase_states(self.reference, rows, layer)
+        return self.head.log_probs(states, self._targets(rows))
 
     def train_step(self, step: int) -> dict:
         c = self.config
@@ -308,10 +266,10 @@ class Trainer:
         advantages = group_advantages(rewards, scale_std=c.scale_std)
         rows = [(g.prompt_ids, r) for g in groups for r in g.responses]
         row_advantage = advantages.flatten().tolist()
-        # On-policy (one epoch, one mini-batch, full policy): the old log-probs equal the new ones before the update,
-        # so the separate no-grad pass is skipped; old = new.detach() and the logged entropies come from the same
-        # forward. Otherwise one no-grad pass computes them first.
-        on_policy = layer is None and c.ppo_epochs == 1 and (c.mini_batch_prompts or len(groups)) >= len(groups)
+        # On-policy (one epoch, one mini-batch): before the update the old log-probs equal the new ones, so the
+        # separate no-grad pass is skipped and old = new.detach() from the training forward, in both phases.
+        mini_prompts = c.mini_batch_prompts or len(groups)
+        on_policy = c.ppo_epochs == 1 and mini_prompts >= len(groups)
         old = [] if on_policy else self._old_log_probs(rows, layer)
         micro = c.micro_batch_size
         old_by_row = {}
@@ -322,7 +280,6 @@ class Trainer:
                 old_by_row[row] = {k: (None if v is None else v[offset : offset + n]) for k, v in chunk.items()}
                 offset += n
 
-        mini_prompts = c.mini_batch_prompts or len(groups)
         stats = dict(clip_frac=[], approx_kl=[], kl_ref=[], grad_norm=[])
         for _ in range(c.ppo_epochs):
             for first in range(0, len(groups), mini_prompts):
@@ -330,18 +287,18 @@ class Trainer:
                 normaliser = max(1, sum(len(rows[r][1]) for r in mini_rows))
                 for start in range(0, len(mini_rows), micro):
                     chosen = mini_rows[start : start + micro]
-                    ids, mask, b, pos, tgt = self._batch([rows[r] for r in chosen])
+                    chunk = [rows[r] for r in chosen]
+                    tgt = self._targets(chunk)
                     keep = {self.monitor_layer} if on_policy else set()
-                    states, captured = self._phase_states(self.model, ids, mask, layer, keep=keep)
+                    states, captured = self._phase_states(self.model, chunk, layer, keep=keep)
                     entropy = None
                     if c.entropy_coef:
-                        logp, entropy = self.head.log_probs_and_entropy(states[b, pos], tgt)
+                        logp, entropy = self.head.log_probs_and_entropy(states, tgt)
                     else:
-                        logp = self.head.log_probs(states[b, pos], tgt)
+                        logp = self.head.log_probs(states, tgt)
                     if on_policy:
-                        old.append(dict(logp=logp.detach(), ref=self._reference_log_probs(ids, mask, b, pos, tgt, layer),
-                                        entropy=self.head.entropy(states[b, pos].detach()),
-                                        internal_entropy=self.head.entropy(captured[self.monitor_layer][b, pos].detach())))
+                        old.append(dict(logp=logp.detach(), ref=self._reference_log_probs(chunk, layer),
+                                        internal_entropy=self.head.entropy(captured[self.monitor_layer].detach())))
                         old_logp, ref = old[-1]["logp"], old[-1]["ref"]
                     else:
                         old_logp = torch.cat([old_by_row[r]["logp"] for r in chosen])
@@ -362,7 +319,6 @@ class Trainer:
         seconds = time.perf_counter() - started
         n_tokens = sum(len(r) for _, r in rows)
         mean = lambda xs: float(sum(xs) / len(xs)) if xs else 0.0  # noqa: E731
-        token_mean = lambda key: float(torch.cat([o[key] for o in old]).mean())  # noqa: E731
         return {
             "step": step,
             "phase": "internal" if layer else "full",
@@ -370,8 +326,9 @@ class Trainer:
             "reward_mean": float(rewards.mean()),
             "accuracy": float((rewards >= 1.0).float().mean()),
             "response_len_mean": n_tokens / len(rows),
-            "entropy": token_mean("entropy"),
-            "internal_entropy": token_mean("internal_entropy"),
+            # the sampling policy's entropy, recorded during generation, token mean over the rollouts
+            "entropy": float(torch.cat([h for g in groups for h in g.entropies]).mean()),
+            "internal_entropy": float(torch.cat([o["internal_entropy"] for o in old]).mean()),
             "monitor_layer": self.monitor_layer,
             "clip_frac": mean(stats["clip_frac"]),
             "approx_kl": mean(stats["approx_kl"]),
