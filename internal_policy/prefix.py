@@ -8,8 +8,10 @@ forwards). This removes (G - 1) / G of the prompt compute from the rollouts and 
 
 from __future__ import annotations
 
+import inspect
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 class _StopForward(Exception):
@@ -36,6 +38,12 @@ def pad_rows(rows: list[list[int]], pad: int, left: bool = False, device=None) -
     return ids.to(device), mask.to(device)
 
 
+def cache_keyword(model) -> str:
+    """The keyword that passes a key/value cache to this model's forward and ``generate``: newer transformers 5
+    releases renamed ``past_key_values`` to ``cache`` (the old name warns)."""
+    return "cache" if "cache" in inspect.signature(model.get_decoder().forward).parameters else "past_key_values"
+
+
 def residual_states(model, input_ids: Tensor, attention_mask: Tensor, layers: set[int], stop_after: int | None = None,
                     position_ids: Tensor | None = None, cache=None) -> dict:
     """Residual states of a Hugging Face decoder in one forward: {l: h_l [B, T, d]} for l in ``layers`` (the output
@@ -56,7 +64,7 @@ def residual_states(model, input_ids: Tensor, attention_mask: Tensor, layers: se
     handles = [decoder.layers[l - 1].register_forward_hook(hook_for(l)) for l in wanted]
     try:
         captured["final"] = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                    past_key_values=cache, use_cache=cache is not None).last_hidden_state
+                                    use_cache=cache is not None, **{cache_keyword(model): cache}).last_hidden_state
     except _StopForward:
         pass
     finally:
@@ -99,6 +107,22 @@ def response_states(model, rows: list[tuple[list[int], list[int]]], layers: set[
     return {k: torch.cat([first_states[k][:, None], at_response[k]], dim=1)[keep] for k in first_states}
 
 
+class ResponseForward(nn.Module):
+    """``response_states`` of a model as a module, so that ``accelerate`` (DDP, FSDP) wraps exactly the forward that
+    the loss runs. ``readout(states)`` runs inside the forward too: DDP requires every parameter that the loss uses
+    (the unembedding, when it turns states into log-probs) to be used within the wrapped forward."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, rows: list[tuple[list[int], list[int]]], layers: set[int], stop_after: int | None = None,
+                pad: int = 0, readout=None):
+        """Returns the states of ``response_states``, and with ``readout`` the pair (states, readout(states))."""
+        states = response_states(self.model, rows, layers, stop_after, pad)
+        return states if readout is None else (states, readout(states))
+
+
 def prefilled_cache(model, prompt_ids: Tensor, attention_mask: Tensor, repeats: int):
     """For generation: the key/value cache of left-padded distinct prompts [P, T] without their last token, each
     repeated ``repeats`` times along the batch, ready for ``generate`` on the repeated prompts (which then runs the
@@ -108,6 +132,6 @@ def prefilled_cache(model, prompt_ids: Tensor, attention_mask: Tensor, repeats: 
     cache = DynamicCache(config=model.config)
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     model.get_decoder()(input_ids=prompt_ids[:, :-1], attention_mask=attention_mask[:, :-1],
-                        position_ids=positions[:, :-1], past_key_values=cache, use_cache=True)
+                        position_ids=positions[:, :-1], use_cache=True, **{cache_keyword(model): cache})
     cache.batch_repeat_interleave(repeats)
     return cache

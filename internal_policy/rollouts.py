@@ -16,7 +16,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from .data import Sample, encode, render_prompt
 from .loading import LoadedModel
 from .policy import entropy_from_logits
-from .prefix import pad_rows, prefilled_cache
+from .prefix import cache_keyword, pad_rows, prefilled_cache
 
 
 @dataclass
@@ -109,7 +109,7 @@ def sample_with_entropy(
         recorder = EntropyRecorder(config.temperature or 1.0)
         output = model.generate(
             input_ids=ids.repeat_interleave(per_prompt, 0), attention_mask=mask.repeat_interleave(per_prompt, 0),
-            past_key_values=cache, generation_config=generation_config,
+            generation_config=generation_config, **({cache_keyword(model): cache} if cache is not None else {}),
             logits_processor=LogitsProcessorList([recorder, *sampling_processors]),
         )
         step_entropy = torch.stack(recorder.steps, dim=1)  # [batch, steps]

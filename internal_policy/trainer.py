@@ -29,7 +29,7 @@ from .io import atomic_write_text
 from .loading import DEFAULT_MODEL, LoadedModel, load_model
 from .losses import clipped_policy_loss, group_advantages
 from .policy import PolicyHead
-from .prefix import response_states
+from .prefix import ResponseForward
 from .rewards import load_reward, score
 from .rollouts import SamplingConfig, sample_with_entropy
 
@@ -98,28 +98,38 @@ class Trainer:
             )
         self._check_out_folder(resume)
         self.loaded = loaded or load_model(config.model, dtype=config.dtype, device=config.device)
-        self.model, self.tokenizer = self.loaded.hf_model, self.loaded.tokenizer
+        self.tokenizer = self.loaded.tokenizer
         n_layers = self.loaded.n_layers
         self.prompt_ids = [encode(self.tokenizer, render_prompt(self.tokenizer, s.prompt)) for s in self.samples]
         self._check_lengths()
         score(self.reward_fn, self._prompt_text(0), "", self.samples[0].answer)  # a bad reward fails here, not mid-run
-        self.accelerator = Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+        # cpu=True makes a multi-process launch (accelerate launch / torchrun) use DDP over gloo on the CPU
+        self.accelerator = Accelerator(cpu=self.loaded.device.type == "cpu",
+                                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
         self.head = PolicyHead(self.loaded.unembed, temperature=config.temperature)
-        self.internal_layer = self._resolve_internal_layer(n_layers)
+        model = self.loaded.hf_model
+        model.train(False)  # no dropout in RL updates; gradients flow regardless
+        model.requires_grad_(True)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.policy, self.optimizer = self.accelerator.prepare(ResponseForward(model), optimizer)
+        self.reference = None
+        if config.kl_coef:
+            reference = load_model(config.model, dtype=config.dtype, device=config.device).hf_model.requires_grad_(False)
+            self.reference = ResponseForward(reference)
+        self.step = 0
+        if resume:
+            self._restore()  # also restores the internal layer, so `auto` does not sample again
+        else:
+            self.internal_layer = self._resolve_internal_layer(n_layers)
         self.monitor_layer = config.monitor_layer or self.internal_layer or max(1, round(n_layers / 6))
         if not 1 <= self.monitor_layer <= n_layers:
             raise IPolicyError(f"--monitor-layer must be in 1..{n_layers}, got {self.monitor_layer}.")
-        self.model.train(False)  # no dropout in RL updates; gradients flow regardless
-        self.model.requires_grad_(True)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
-        self.reference = None
-        if config.kl_coef:
-            self.reference = load_model(config.model, dtype=config.dtype, device=config.device).hf_model.requires_grad_(False)
-        self.step = 0
-        if resume:
-            self._restore()
         self.writers = self._loggers()
+
+    @property
+    def model(self):
+        """The Hugging Face model being trained (unwrapped from DDP/FSDP)."""
+        return self.accelerator.unwrap_model(self.policy).model
 
     # ---------------------------------------------------------------- validation
     def _validate_numbers(self) -> None:
@@ -191,8 +201,7 @@ class Trainer:
         prompt_ids = [self.prompt_ids[i] for i in indices]
         sampling = SamplingConfig(c.max_new_tokens, c.temperature, c.top_p, batch_size=len(prompt_ids) * c.group_size,
                                   seed=c.seed * 1_000_003 + step * 101 + self.accelerator.process_index)
-        model = self.accelerator.unwrap_model(self.model)
-        unwrapped = LoadedModel(**{**self.loaded.__dict__, "hf_model": model})
+        unwrapped = LoadedModel(**{**self.loaded.__dict__, "hf_model": self.model})
         responses, entropies = sample_with_entropy(unwrapped, prompt_ids, sampling, per_prompt=c.group_size)
         groups = []
         for j, i in enumerate(indices):
@@ -206,7 +215,6 @@ class Trainer:
         from .entropy import EngineConfig, EntropyEngine
         from .results import boundary_layer, summarize
 
-        self.model = self.loaded.hf_model
         groups = self.rollouts(1, self.prompts_for_step(1))
         tokenized = [TokenizedSample(g.sample, g.prompt_ids, r) for g in groups for r in g.responses if r]
         table = EntropyEngine(self.loaded, EngineConfig()).analyse(tokenized)
@@ -223,13 +231,24 @@ class Trainer:
     def _policy_layer(self, step: int) -> int | None:
         return self.internal_layer if self.internal_layer and step <= self.config.internal_steps else None
 
-    def _phase_states(self, model, rows, layer: int | None, keep: set[int] = frozenset()):
-        """For the response tokens of ``rows``, [N, d] each: the states of the phase's policy (h_K, or LNf(h_L) when
-        layer is None), and {l: h_l} for the layers in ``keep``. The forward stops at the highest layer it needs."""
+    def _phase_states(self, forward, rows, layer: int | None, keep: set[int] = frozenset(), readout=None):
+        """Through ``forward`` (a ResponseForward, maybe wrapped by accelerate), for the response tokens of ``rows``,
+        [N, d] each: the states of the phase's policy (h_K, or LNf(h_L) when layer is None), and {l: h_l} for the
+        layers in ``keep``. The forward stops at the highest layer it needs. With ``readout``: (states, its result)."""
         wanted = set(keep) | ({layer} if layer else set())
-        states = response_states(model, rows, wanted, stop_after=max(wanted) if layer else None,
-                                 pad=self.tokenizer.pad_token_id or 0)
-        return states[layer or "final"], states
+        out = forward(rows, wanted, max(wanted) if layer else None, self.tokenizer.pad_token_id or 0, readout)
+        return out if readout else (out[layer or "final"], out)
+
+    def _log_probs_of(self, layer: int | None, targets: Tensor):
+        """The training readout: log-probs of ``targets`` under the phase's policy, and its entropy when the loss has
+        an entropy bonus (else None). Differentiable."""
+        def readout(states: dict):
+            phase = states[layer or "final"]
+            if self.config.entropy_coef:
+                return self.head.log_probs_and_entropy(phase, targets)
+            return self.head.log_probs(phase, targets), None
+
+        return readout
 
     def _targets(self, rows) -> Tensor:
         return torch.tensor([t for _, r in rows for t in r], device=self.loaded.device)
@@ -239,10 +258,10 @@ class Trainer:
         """Per micro-batch, before the update: log-probs under the phase's policy, the reference's (KL), and the
         logged entropy of the monitored layer's policy."""
         out = []
-        model = self.accelerator.unwrap_model(self.model)
+        forward = self.accelerator.unwrap_model(self.policy)
         for start in range(0, len(rows), self.config.micro_batch_size):
             chunk = rows[start : start + self.config.micro_batch_size]
-            phase, states = self._phase_states(model, chunk, layer, keep={self.monitor_layer})
+            phase, states = self._phase_states(forward, chunk, layer, keep={self.monitor_layer})
             out.append(dict(logp=self.head.log_probs(phase, self._targets(chunk)), ref=self._reference_log_probs(chunk, layer),
                             internal_entropy=self.head.entropy(states[self.monitor_layer])))
         return out
@@ -290,12 +309,8 @@ class Trainer:
                     chunk = [rows[r] for r in chosen]
                     tgt = self._targets(chunk)
                     keep = {self.monitor_layer} if on_policy else set()
-                    states, captured = self._phase_states(self.model, chunk, layer, keep=keep)
-                    entropy = None
-                    if c.entropy_coef:
-                        logp, entropy = self.head.log_probs_and_entropy(states, tgt)
-                    else:
-                        logp = self.head.log_probs(states, tgt)
+                    captured, (logp, entropy) = self._phase_states(self.policy, chunk, layer, keep=keep,
+                                                                   readout=self._log_probs_of(layer, tgt))
                     if on_policy:
                         old.append(dict(logp=logp.detach(), ref=self._reference_log_probs(chunk, layer),
                                         internal_entropy=self.head.entropy(captured[self.monitor_layer].detach())))
@@ -311,7 +326,7 @@ class Trainer:
                     stats["clip_frac"].append(terms.clip_frac)
                     stats["approx_kl"].append(terms.approx_kl)
                     stats["kl_ref"].append(terms.kl_to_reference)
-                grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), c.max_grad_norm)
+                grad_norm = self.accelerator.clip_grad_norm_(self.policy.parameters(), c.max_grad_norm)
                 stats["grad_norm"].append(float(grad_norm))
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -376,8 +391,7 @@ class Trainer:
         final = self.out / "checkpoints" / f"step-{step}"
         staging = final.with_name(f".{final.name}.tmp")
         shutil.rmtree(staging, ignore_errors=True)
-        model = self.accelerator.unwrap_model(self.model)
-        model.save_pretrained(staging, safe_serialization=True)
+        self.model.save_pretrained(staging, safe_serialization=True)
         self.tokenizer.save_pretrained(staging)
         torch.save(
             {
@@ -406,10 +420,9 @@ class Trainer:
             raise IPolicyError(f"--resume: '{self.out}/checkpoints' has no checkpoint. Fix: rerun without --resume into a new --out.")
         latest = checkpoints[-1]
         state = torch.load(latest / STATE_FILE, weights_only=False)
-        model = self.accelerator.unwrap_model(self.model)
         shards = sorted(latest.glob("*.safetensors"))
         for shard in shards:
-            load_safetensors(model, shard, strict=len(shards) == 1)
+            load_safetensors(self.model, shard, strict=len(shards) == 1)
         self.optimizer.load_state_dict(state["optimizer"])
         torch.random.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
