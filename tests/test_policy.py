@@ -58,3 +58,27 @@ def test_weight_cache_follows_in_place_updates():
     with torch.no_grad():
         unembed.weight.mul_(5.0)
     assert not torch.allclose(before, head.entropy(states))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("bias", [False, True])
+def test_fast_mode_equals_textbook_entropy_of_bf16_logits(temperature, bias, monkeypatch):
+    """Fast mode (compiled block reductions) computes exactly the entropy of the bf16 matmul's logits, the same as
+    its eager form, and stays close to the float32 entropy."""
+    import internal_policy.policy as policy
+
+    torch.manual_seed(1)
+    unembed = nn.Linear(16, 1000, bias=bias)
+    nn.init.normal_(unembed.weight, std=2.0)
+    states = torch.randn(37, 16) * torch.logspace(-2, 1, 37)[:, None]
+    low = states.bfloat16() @ unembed.weight.detach().bfloat16().T  # the fast path's logits, rounded to bf16
+    logits = low.double() + (unembed.bias.detach().double() if bias else 0.0)
+    expected = plain_entropy(logits / temperature)
+    fast = PolicyHead(unembed, temperature=temperature, fast=True, token_chunk=8, vocab_block=128)
+    compiled = fast.entropy(states)
+    monkeypatch.setattr(policy, "_compiled_fold_block", policy.fold_block)  # the eager form
+    eager = PolicyHead(unembed, temperature=temperature, fast=True, token_chunk=8, vocab_block=128).entropy(states)
+    assert torch.allclose(compiled.double(), expected, atol=1e-4)
+    assert torch.allclose(compiled, eager, atol=1e-5)
+    exact = plain_entropy(unembed(states).detach() / temperature)
+    assert 0 < (compiled.double() - exact).abs().max() < 0.5  # bf16 logits: close, but not the float32 numbers
