@@ -94,15 +94,15 @@ def response_states(model, rows: list[tuple[list[int], list[int]]], layers: set[
 
     # The response forward reads every response token but the last (which predicts nothing).
     inputs = [r[:-1] for _, r in rows]
-    if max(map(len, inputs), default=0) == 0:
-        return first_states
+    lengths = torch.tensor([len(r) for _, r in rows], device=device)
+    if max(map(len, inputs), default=0) == 0:  # no response is longer than one token
+        return {k: v[lengths > 0] for k, v in first_states.items()}
     cache.reorder_cache(index)
     response_ids, response_mask = pad_rows(inputs, pad, device=device)
     mask = torch.cat([prompt_mask[index], response_mask], dim=-1)
     positions = (last[index] + 1)[:, None] + torch.arange(response_ids.shape[1], device=device)
     at_response = residual_states(model, response_ids, mask, layers, stop_after, position_ids=positions, cache=cache)
 
-    lengths = torch.tensor([len(r) for _, r in rows], device=device)
     keep = torch.arange(response_ids.shape[1] + 1, device=device)[None, :] < lengths[:, None]  # [B, 1 + W]
     return {k: torch.cat([first_states[k][:, None], at_response[k]], dim=1)[keep] for k in first_states}
 

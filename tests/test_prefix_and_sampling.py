@@ -121,3 +121,13 @@ def test_recorded_entropies_are_those_of_the_sampling_policy(tiny_llama):
         expected = -(p * torch.log(p.clamp_min(1e-300))).sum(-1)
         torch.testing.assert_close(recorded.double(), expected, rtol=0, atol=1e-4)
     assert torch.cat(entropies).std() > 0.05  # peaked and flat positions both occur: the check can fail
+
+
+def test_one_token_and_empty_responses():
+    model, _ = tiny_model("llama")
+    model = model.double()
+    rows = [(PROMPTS[0], [60]), (PROMPTS[1], []), (PROMPTS[1], [61])]
+    with torch.no_grad():
+        shared = response_states(model, rows, set())["final"]
+        torch.testing.assert_close(shared, plain_states(model, rows, None), rtol=0, atol=1e-10)
+    assert shared.shape[0] == 2
