@@ -1,7 +1,10 @@
 """Sampling responses from the full model: batched ``generate`` with a KV cache, stopping at EOS.
 
 The sampling distribution is exactly softmax(logits / temperature) restricted by top-p: the model's own generation
-defaults (top-k, repetition penalty, ...) are replaced, so that GRPO's ratios refer to the policy that sampled.
+defaults (top-k, repetition penalty, ...) are switched off, so that GRPO's ratios refer to the policy that sampled.
+The next token is drawn by ``InverseCdfSampler`` from a seeded generator (reproducible per step, as resume needs),
+each distinct prompt is prefilled once for its whole group (``prefix.prefilled_cache``), and ``EntropyRecorder``
+logs the sampling policy's entropy at every token on the way.
 """
 
 from __future__ import annotations
