@@ -106,6 +106,11 @@ class Trainer:
         # cpu=True makes a multi-process launch (accelerate launch / torchrun) use DDP over gloo on the CPU
         self.accelerator = Accelerator(cpu=self.loaded.device.type == "cpu",
                                        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+        if config.prompts_per_step % self.accelerator.num_processes:
+            raise IPolicyError(
+                f"--prompts-per-step {config.prompts_per_step} does not split evenly over {self.accelerator.num_processes} "
+                "processes (each takes whole groups, and all must take part in every update). Fix: use a multiple."
+            )
         self.head = PolicyHead(self.loaded.unembed, temperature=config.temperature)
         model = self.loaded.hf_model
         model.train(False)  # no dropout in RL updates; gradients flow regardless
@@ -239,6 +244,14 @@ class Trainer:
         out = forward(rows, wanted, max(wanted) if layer else None, self.tokenizer.pad_token_id or 0, readout)
         return out if readout else (out[layer or "final"], out)
 
+    def _token_normaliser(self, local_tokens: int) -> float:
+        """The loss divisor that makes the update the token mean over the whole mini-batch: with P processes, DDP
+        averages the P gradients, so each divides its token sum by (all processes' tokens) / P."""
+        if self.accelerator.num_processes == 1:
+            return max(1, local_tokens)
+        total = self.accelerator.reduce(torch.tensor(float(local_tokens), device=self.accelerator.device), "sum")
+        return max(1.0, float(total)) / self.accelerator.num_processes
+
     def _log_probs_of(self, layer: int | None, targets: Tensor):
         """The training readout: log-probs of ``targets`` under the phase's policy, and its entropy when the loss has
         an entropy bonus (else None). Differentiable."""
@@ -303,7 +316,7 @@ class Trainer:
         for _ in range(c.ppo_epochs):
             for first in range(0, len(groups), mini_prompts):
                 mini_rows = list(range(first * c.group_size, min(len(groups), first + mini_prompts) * c.group_size))
-                normaliser = max(1, sum(len(rows[r][1]) for r in mini_rows))
+                normaliser = self._token_normaliser(sum(len(rows[r][1]) for r in mini_rows))
                 for start in range(0, len(mini_rows), micro):
                     chosen = mini_rows[start : start + micro]
                     chunk = [rows[r] for r in chosen]
