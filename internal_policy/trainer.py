@@ -64,8 +64,9 @@ class TrainConfig:
     internal_layer: int | str | None = None  # BuPO's K (1-based), "auto" = boundary layer of the first rollouts
     internal_steps: int = 0  # BuPO's S
     monitor_layer: int | None = None  # layer whose policy entropy is logged (default: K, or round(L/6) for GRPO)
-    dtype: str = "auto"
+    dtype: str = "auto"  # weights: auto = float32 (AdamW updates of ~1e-6 are below bfloat16's resolution)
     device: str = "auto"
+    autocast: bool | None = None  # bfloat16 autocast of forwards and generation; None = on a GPU, off on the CPU
     tensorboard: bool = False
     wandb: bool = False
 
@@ -97,14 +98,17 @@ class Trainer:
                 "Fix: add 'answer' (or reward_model.ground_truth) to every row, or use a custom --reward."
             )
         self._check_out_folder(resume)
-        self.loaded = loaded or load_model(config.model, dtype=config.dtype, device=config.device)
+        weights_dtype = "float32" if config.dtype == "auto" else config.dtype
+        self.loaded = loaded or load_model(config.model, dtype=weights_dtype, device=config.device)
         self.tokenizer = self.loaded.tokenizer
         n_layers = self.loaded.n_layers
         self.prompt_ids = [encode(self.tokenizer, render_prompt(self.tokenizer, s.prompt)) for s in self.samples]
         self._check_lengths()
         score(self.reward_fn, self._prompt_text(0), "", self.samples[0].answer)  # a bad reward fails here, not mid-run
         # cpu=True makes a multi-process launch (accelerate launch / torchrun) use DDP over gloo on the CPU
-        self.accelerator = Accelerator(cpu=self.loaded.device.type == "cpu",
+        on_cpu = self.loaded.device.type == "cpu"
+        autocast = config.autocast if config.autocast is not None else not on_cpu
+        self.accelerator = Accelerator(cpu=on_cpu, mixed_precision="bf16" if autocast else "no",
                                        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
         if config.prompts_per_step % self.accelerator.num_processes:
             raise IPolicyError(
@@ -119,7 +123,8 @@ class Trainer:
         self.policy, self.optimizer = self.accelerator.prepare(ResponseForward(model), optimizer)
         self.reference = None
         if config.kl_coef:
-            reference = load_model(config.model, dtype=config.dtype, device=config.device).hf_model.requires_grad_(False)
+            reference = load_model(config.model, dtype=weights_dtype, device=str(self.loaded.device)).hf_model
+            reference.requires_grad_(False)
             self.reference = ResponseForward(reference)
         self.step = 0
         if resume:
@@ -207,7 +212,8 @@ class Trainer:
         sampling = SamplingConfig(c.max_new_tokens, c.temperature, c.top_p, batch_size=len(prompt_ids) * c.group_size,
                                   seed=c.seed * 1_000_003 + step * 101 + self.accelerator.process_index)
         unwrapped = LoadedModel(**{**self.loaded.__dict__, "hf_model": self.model})
-        responses, entropies = sample_with_entropy(unwrapped, prompt_ids, sampling, per_prompt=c.group_size)
+        with self.accelerator.autocast():  # the same precision as the training forward
+            responses, entropies = sample_with_entropy(unwrapped, prompt_ids, sampling, per_prompt=c.group_size)
         groups = []
         for j, i in enumerate(indices):
             members = slice(j * c.group_size, (j + 1) * c.group_size)

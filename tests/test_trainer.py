@@ -221,3 +221,35 @@ def test_two_processes_under_accelerate_launch_stay_in_sync(tiny_llama, train_fi
         if ".layers.2." in name or ".layers.3." in name or name == "model.norm.weight":
             assert torch.equal(step1[name], start[name]), name
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+@pytest.fixture
+def fresh_accelerator_state():
+    """accelerate keeps one process-wide state; a test that changes its precision starts and ends with a fresh one."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_autocast_training_keeps_float32_master_weights(tiny_llama, train_files, tmp_path, fresh_accelerator_state):
+    """bf16 autocast (a GPU's default; forced here on the CPU): forwards and rollouts run in bf16, the weights and
+    the optimizer stay float32, so small updates are not rounded away."""
+    from internal_policy.trainer import TrainConfig, Trainer
+
+    config = TrainConfig(model=str(tiny_llama), data=str(train_files / "rows.jsonl"), reward=f"{train_files / 'rewards.py'}:fn",
+                         steps=1, prompts_per_step=2, group_size=4, max_new_tokens=8, lr=1e-5, save_every=1,
+                         autocast=True, device="cpu")
+    trainer = Trainer(config, tmp_path)
+    assert trainer.accelerator.mixed_precision == "bf16"
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    seen = []  # output dtypes of one linear layer, in the rollouts and in the training forward
+    trainer.model.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    metrics = trainer.run(progress=False)[0]
+    assert len(seen) > 2 and set(seen) == {torch.bfloat16}
+    after = dict(trainer.model.named_parameters())
+    assert all(p.dtype == torch.float32 for p in after.values())
+    changed = [n for n in before if not torch.equal(before[n], after[n])]
+    assert changed and max(float((after[n] - before[n]).abs().max()) for n in changed) < 1e-3  # lr-sized steps kept
+    assert math.isfinite(metrics["entropy"]) and math.isfinite(metrics["internal_entropy"])
