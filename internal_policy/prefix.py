@@ -13,6 +13,8 @@ import inspect
 import torch
 from torch import Tensor, nn
 
+from .errors import IPolicyError
+
 
 class _StopForward(Exception):
     pass
@@ -44,6 +46,16 @@ def cache_keyword(model) -> str:
     return "cache" if "cache" in inspect.signature(model.get_decoder().forward).parameters else "past_key_values"
 
 
+def decoder_layers(model) -> nn.ModuleList:
+    """The decoder's blocks in order: ``layers`` in Llama/Qwen-style models, ``h`` in GPT-2-style ones."""
+    decoder = model.get_decoder()
+    for name in ("layers", "h", "blocks"):
+        if isinstance(getattr(decoder, name, None), nn.ModuleList):
+            return getattr(decoder, name)
+    raise IPolicyError(f"Cannot find the blocks of {type(decoder).__name__} (no 'layers' or 'h' list). "
+                       "Fix: train a model with a standard decoder layout.")
+
+
 def residual_states(model, input_ids: Tensor, attention_mask: Tensor, layers: set[int], stop_after: int | None = None,
                     position_ids: Tensor | None = None, cache=None) -> dict:
     """Residual states of a Hugging Face decoder in one forward: {l: h_l [B, T, d]} for l in ``layers`` (the output
@@ -61,7 +73,7 @@ def residual_states(model, input_ids: Tensor, attention_mask: Tensor, layers: se
         return hook
 
     wanted = set(layers) | ({stop_after} if stop_after else set())
-    handles = [decoder.layers[l - 1].register_forward_hook(hook_for(l)) for l in wanted]
+    handles = [decoder_layers(model)[l - 1].register_forward_hook(hook_for(l)) for l in wanted]
     try:
         captured["final"] = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                     use_cache=cache is not None, **{cache_keyword(model): cache}).last_hidden_state

@@ -27,9 +27,18 @@ def plain_states(model, rows, layer: int | None):
     return torch.cat(out)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def tiny_gpt2():
+    """GPT-2 layout: blocks in ``transformer.h``, learned positions, LayerNorm."""
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=300, n_embd=32, n_layer=4, n_head=2, n_positions=128, initializer_range=0.5)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gpt2"])
 def test_shared_prompt_states_and_gradients_equal_separate_forwards(arch):
-    model, _ = tiny_model(arch)
+    model = tiny_gpt2() if arch == "gpt2" else tiny_model(arch)[0]
     model = model.double()
     weight = torch.randn(model.config.hidden_size, dtype=torch.float64)
     for layer, stop_after in [(None, None), (2, None), (2, 2)]:
