@@ -130,6 +130,35 @@ def sample_responses(
     return sample_with_entropy(loaded, prompt_ids, config, per_prompt, progress)[0]
 
 
+def vllm_available() -> bool:
+    """vLLM rollouts need the vllm and trl packages and a CUDA GPU."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(name) for name in ("vllm", "trl")) and torch.cuda.is_available()
+
+
+class VllmRollouts:
+    """Rollouts through vLLM, by TRL's maintained ``VLLMGeneration`` in colocate mode: the engine shares this
+    process (and GPU) with the trained model, and ``sample`` first pushes the current weights into it.
+
+    vLLM returns no full-vocabulary entropies, so the trainer computes the logged ``entropy`` with a forward pass;
+    and vLLM's sampler is seeded per engine, not per step, so a resumed run does not redraw the same tokens.
+    """
+
+    def __init__(self, model, accelerator, tokenizer, config: SamplingConfig):
+        from trl.generation.vllm_generation import VLLMGeneration
+
+        self.engine = VLLMGeneration(model, accelerator, tokenizer, mode="colocate", temperature=config.temperature,
+                                     top_p=config.top_p, top_k=0, max_completion_length=config.max_new_tokens)
+
+    def sample(self, prompt_ids: list[list[int]], per_prompt: int) -> list[list[int]]:
+        """``per_prompt`` responses per prompt, grouped by prompt, as token ids up to and including EOS."""
+        self.engine.sync_weights()
+        repeated = [ids for ids in prompt_ids for _ in range(per_prompt)]
+        _, completions, _, _ = self.engine.generate(repeated, None, per_prompt)
+        return [list(ids) for ids in completions]
+
+
 def complete_samples(
     loaded: LoadedModel, samples: list[Sample], n_per_prompt: int, config: SamplingConfig, progress: bool = False
 ) -> list[Sample]:

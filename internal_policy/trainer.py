@@ -31,7 +31,7 @@ from .losses import clipped_policy_loss, group_advantages
 from .policy import PolicyHead
 from .prefix import ResponseForward
 from .rewards import load_reward, score
-from .rollouts import SamplingConfig, sample_with_entropy
+from .rollouts import SamplingConfig, VllmRollouts, sample_with_entropy, vllm_available
 
 STATE_FILE = "trainer_state.pt"
 
@@ -67,6 +67,7 @@ class TrainConfig:
     dtype: str = "auto"  # weights: auto = float32 (AdamW updates of ~1e-6 are below bfloat16's resolution)
     device: str = "auto"
     autocast: bool | None = None  # bfloat16 autocast of forwards and generation; None = on a GPU, off on the CPU
+    rollouts: str = "transformers"  # or "vllm" (a GPU with vllm and trl installed)
     tensorboard: bool = False
     wandb: bool = False
 
@@ -80,7 +81,7 @@ class Rollout:
     responses: list[list[int]]
     rewards: list[float]
     texts: list[str] = field(default_factory=list)
-    entropies: list[Tensor] = field(default_factory=list)  # per response: the sampling policy's entropy per token
+    entropies: list[Tensor | None] = field(default_factory=list)  # per response: the sampling policy's entropy per token
 
 
 class Trainer:
@@ -98,6 +99,9 @@ class Trainer:
                 "Fix: add 'answer' (or reward_model.ground_truth) to every row, or use a custom --reward."
             )
         self._check_out_folder(resume)
+        if config.rollouts == "vllm" and not vllm_available():
+            raise IPolicyError("--rollouts vllm needs a CUDA GPU with the vllm and trl packages. "
+                               "Fix: pip install vllm trl on the GPU machine, or use --rollouts transformers.")
         weights_dtype = "float32" if config.dtype == "auto" else config.dtype
         self.loaded = loaded or load_model(config.model, dtype=weights_dtype, device=config.device)
         self.tokenizer = self.loaded.tokenizer
@@ -126,6 +130,10 @@ class Trainer:
             reference = load_model(config.model, dtype=weights_dtype, device=str(self.loaded.device)).hf_model
             reference.requires_grad_(False)
             self.reference = ResponseForward(reference)
+        self.vllm = None
+        if config.rollouts == "vllm":
+            sampling = SamplingConfig(config.max_new_tokens, config.temperature, config.top_p)
+            self.vllm = VllmRollouts(self.model, self.accelerator, self.tokenizer, sampling)
         self.step = 0
         if resume:
             self._restore()  # also restores the internal layer, so `auto` does not sample again
@@ -153,6 +161,7 @@ class Trainer:
             (c.lr > 0 and c.max_new_tokens >= 1 and c.temperature > 0, "--lr, --max-new-tokens and --temperature must be > 0"),
             (0 <= c.clip_low < 1 and c.clip_high >= 0, "--clip-low must be in [0, 1) and --clip-high >= 0"),
             (c.save_every >= 1, "--save-every must be at least 1"),
+            (c.rollouts in ("transformers", "vllm"), f"--rollouts must be transformers or vllm, not '{c.rollouts}'"),
             (0 <= c.internal_steps <= c.steps, f"--internal-steps ({c.internal_steps}) must be in 0..--steps ({c.steps})"),
         ]
         for ok, message in checks:
@@ -212,8 +221,12 @@ class Trainer:
         sampling = SamplingConfig(c.max_new_tokens, c.temperature, c.top_p, batch_size=len(prompt_ids) * c.group_size,
                                   seed=c.seed * 1_000_003 + step * 101 + self.accelerator.process_index)
         unwrapped = LoadedModel(**{**self.loaded.__dict__, "hf_model": self.model})
-        with self.accelerator.autocast():  # the same precision as the training forward
-            responses, entropies = sample_with_entropy(unwrapped, prompt_ids, sampling, per_prompt=c.group_size)
+        if self.vllm is not None:
+            responses = self.vllm.sample(prompt_ids, c.group_size)
+            entropies = [None] * len(responses)
+        else:
+            with self.accelerator.autocast():  # the same precision as the training forward
+                responses, entropies = sample_with_entropy(unwrapped, prompt_ids, sampling, per_prompt=c.group_size)
         groups = []
         for j, i in enumerate(indices):
             members = slice(j * c.group_size, (j + 1) * c.group_size)
@@ -249,6 +262,18 @@ class Trainer:
         wanted = set(keep) | ({layer} if layer else set())
         out = forward(rows, wanted, max(wanted) if layer else None, self.tokenizer.pad_token_id or 0, readout)
         return out if readout else (out[layer or "final"], out)
+
+    @torch.no_grad()
+    def _sampling_entropy(self, groups: list[Rollout], rows) -> float:
+        """The sampling (full) policy's entropy, token mean over the rollouts: as recorded during generation, or, where
+        the rollout backend records none (vLLM), from a forward pass of the model as it sampled (before the update)."""
+        recorded = [h for g in groups for h in g.entropies]
+        if recorded and all(h is not None for h in recorded):
+            return float(torch.cat(recorded).mean())
+        forward = self.accelerator.unwrap_model(self.policy)
+        entropies = [self.head.entropy(self._phase_states(forward, rows[start : start + self.config.micro_batch_size], None)[0])
+                     for start in range(0, len(rows), self.config.micro_batch_size)]
+        return float(torch.cat(entropies).mean())
 
     def _token_normaliser(self, local_tokens: int) -> float:
         """The loss divisor that makes the update the token mean over the whole mini-batch: with P processes, DDP
@@ -303,6 +328,7 @@ class Trainer:
         rewards = torch.tensor([g.rewards for g in groups], dtype=torch.float32)
         advantages = group_advantages(rewards, scale_std=c.scale_std)
         rows = [(g.prompt_ids, r) for g in groups for r in g.responses]
+        sampling_entropy = self._sampling_entropy(groups, rows)  # before the update changes the policy
         row_advantage = advantages.flatten().tolist()
         # On-policy (one epoch, one mini-batch): before the update the old log-probs equal the new ones, so the
         # separate no-grad pass is skipped and old = new.detach() from the training forward, in both phases.
@@ -360,8 +386,7 @@ class Trainer:
             "reward_mean": float(rewards.mean()),
             "accuracy": float((rewards >= 1.0).float().mean()),
             "response_len_mean": n_tokens / len(rows),
-            # the sampling policy's entropy, recorded during generation, token mean over the rollouts
-            "entropy": float(torch.cat([h for g in groups for h in g.entropies]).mean()),
+            "entropy": sampling_entropy,
             "internal_entropy": float(torch.cat([o["internal_entropy"] for o in old]).mean()),
             "monitor_layer": self.monitor_layer,
             "clip_frac": mean(stats["clip_frac"]),

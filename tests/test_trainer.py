@@ -169,6 +169,8 @@ def test_verifier_failure_is_counted_not_silent(monkeypatch, caplog):
         (["--reward", "math", "--data", "{files}/no_answers.jsonl"], "needs ground truths"),
         (["--max-new-tokens", "600"], "exceeds the model's context"),
         (["--model", "{files}"], "no config.json"),
+        (["--rollouts", "vllm"], "needs a CUDA GPU with the vllm and trl packages"),
+        (["--rollouts", "sglang"], "--rollouts must be transformers or vllm"),
     ],
 )
 def test_bad_training_input(extra, expected, tiny_llama, train_files, tmp_path):
@@ -253,3 +255,52 @@ def test_autocast_training_keeps_float32_master_weights(tiny_llama, train_files,
     changed = [n for n in before if not torch.equal(before[n], after[n])]
     assert changed and max(float((after[n] - before[n]).abs().max()) for n in changed) < 1e-3  # lr-sized steps kept
     assert math.isfinite(metrics["entropy"]) and math.isfinite(metrics["internal_entropy"])
+
+
+def test_vllm_rollouts_glue(tiny_llama, train_files, tmp_path, monkeypatch):
+    """The trainer's side of the vLLM backend, with TRL's VLLMGeneration replaced by a fake engine (vLLM itself needs
+    a GPU): weights are pushed before every step's sampling, G copies of each prompt are sent, the completions are
+    trained on, and the logged entropy comes from a forward pass since vLLM records none."""
+    import sys
+    import types
+
+    import internal_policy.trainer as trainer
+    from internal_policy.trainer import TrainConfig, Trainer
+
+    events = []
+
+    class FakeVLLMGeneration:
+        def __init__(self, model, accelerator, tokenizer, **options):
+            self.model, self.options = model, options
+
+        def sync_weights(self):
+            events.append(("sync", float(sum(p.detach().double().sum() for p in self.model.parameters()))))
+
+        def generate(self, prompts, images, num_generations):
+            events.append(("generate", len(prompts), num_generations))
+            return prompts, [[17 + i % 3, 40, 41] for i in range(len(prompts))], None, None
+
+    module = types.ModuleType("trl.generation.vllm_generation")
+    module.VLLMGeneration = FakeVLLMGeneration
+    monkeypatch.setitem(sys.modules, "trl.generation.vllm_generation", module)
+    monkeypatch.setattr(trainer, "vllm_available", lambda: True)
+    config = TrainConfig(model=str(tiny_llama), data=str(train_files / "rows.jsonl"), reward=f"{train_files / 'rewards.py'}:fn",
+                         steps=2, prompts_per_step=2, group_size=4, max_new_tokens=8, lr=1e-3, save_every=1,
+                         rollouts="vllm", device="cpu")
+    run = Trainer(config, tmp_path)
+    assert run.vllm.engine.options["max_completion_length"] == 8 and run.vllm.engine.options["top_k"] == 0
+    metrics = run.run(progress=False)
+    assert [e[0] for e in events] == ["sync", "generate", "sync", "generate"]
+    assert events[1][1:] == (8, 4) and events[0][1] != events[2][1]  # 2 prompts x G; step 2 sees updated weights
+    assert all(m["response_len_mean"] == 3 for m in metrics)
+    # the logged entropy is the full policy's on the sampled tokens, before the step's update
+    from internal_policy.policy import PolicyHead
+    from internal_policy.prefix import response_states
+    from safetensors.torch import load_file
+
+    model = run.model
+    model.load_state_dict(load_file(tmp_path / "checkpoints" / "step-1" / "model.safetensors"), strict=False)
+    rows = [(run.prompt_ids[i], [17 + (4 * j + k) % 3, 40, 41]) for j, i in enumerate(run.prompts_for_step(2)) for k in range(4)]
+    with torch.no_grad():
+        expected = PolicyHead(run.loaded.unembed).entropy(response_states(model, rows, set())["final"]).mean()
+    assert abs(metrics[1]["entropy"] - float(expected)) < 1e-4
