@@ -315,7 +315,8 @@ class Trainer:
         """log-probs of the frozen base model's policy of the same phase (for the KL penalty), or None."""
         if self.reference is None:
             return None
-        states, _ = self._phase_states(self.reference, rows, layer)
+        with self.accelerator.autocast():  # the precision of the policy's forward
+            states, _ = self._phase_states(self.reference, rows, layer)
         return self.head.log_probs(states, self._targets(rows))
 
     def train_step(self, step: int) -> dict:
