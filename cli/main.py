@@ -153,7 +153,7 @@ def train_bupo(
     steps: int = typer.Option(10, help="Optimisation steps (each: rollouts, then PPO epochs)."),
     prompts_per_step: int = typer.Option(4, help="Prompts per step."),
     group_size: int = typer.Option(8, help="Responses per prompt (G)."),
-    mini_batch_prompts: Optional[int] = typer.Option(None, help="Prompts per optimiser step (default: all prompts of the step)."),
+    mini_batch_prompts: Optional[int] = typer.Option(None, help="Prompts per optimiser step, over all processes (default: all prompts of the step)."),
     micro_batch_size: int = typer.Option(8, help="Sequences per forward/backward (gradient accumulation)."),
     ppo_epochs: int = typer.Option(1, help="Passes over each step's rollouts."),
     lr: float = typer.Option(1e-6, help="AdamW learning rate (the paper: 1e-6)."),

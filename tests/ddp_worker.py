@@ -1,4 +1,7 @@
-"""Run under `accelerate launch --num_processes 2`: a 2-step BuPO run, then each rank saves its parameters."""
+"""Run under `accelerate launch --num_processes 2`: a 2-step run, then each rank saves its parameters.
+
+Variant "bupo": one internal step (K = 2), then one full step. Variant "grpo-minibatches": GRPO with two mini-batches
+and two PPO epochs per step (four optimiser steps, the off-policy path)."""
 
 import sys
 from pathlib import Path
@@ -7,9 +10,11 @@ import torch
 
 from internal_policy.trainer import TrainConfig, Trainer
 
-out, model, data, reward = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
-config = TrainConfig(model=model, data=data, reward=reward, steps=2, internal_layer=2, internal_steps=1, prompts_per_step=2,
-                     group_size=4, max_new_tokens=8, lr=1e-3, save_every=1, seed=0, dtype="float32", device="cpu")
+out, model, data, reward, variant = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]
+options = {"bupo": dict(internal_layer=2, internal_steps=1, prompts_per_step=2),
+           "grpo-minibatches": dict(prompts_per_step=4, mini_batch_prompts=2, ppo_epochs=2)}[variant]
+config = TrainConfig(model=model, data=data, reward=reward, steps=2, group_size=4, max_new_tokens=8, lr=1e-3, save_every=1,
+                     seed=0, dtype="float32", device="cpu", **options)
 trainer = Trainer(config, out)
 trainer.run(progress=False)
 params = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
