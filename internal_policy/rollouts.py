@@ -58,7 +58,7 @@ class EntropyRecorder(LogitsProcessor):
         self.steps: list[Tensor] = []  # one [batch] tensor per decoding step
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
-        self.steps.append(entropy_from_logits(scores / self.temperature).cpu())
+        self.steps.append(entropy_from_logits(scores / self.temperature))  # stays on the device: no sync per step
         return scores
 
 
@@ -89,14 +89,16 @@ def _generation_setup(config: SamplingConfig, eos: list[int], pad: int) -> tuple
 
 @torch.no_grad()
 def sample_with_entropy(
-    loaded: LoadedModel, prompt_ids: list[list[int]], config: SamplingConfig, per_prompt: int = 1, progress: bool = False
-) -> tuple[list[list[int]], list[Tensor]]:
+    loaded: LoadedModel, prompt_ids: list[list[int]], config: SamplingConfig, per_prompt: int = 1, progress: bool = False,
+    record_entropy: bool = True,
+) -> tuple[list[list[int]], list[Tensor | None]]:
     """Sample ``per_prompt`` responses for each prompt (temperature 0: greedy). Each distinct prompt is prefilled
     once and its cache shared by its responses.
 
     Returns len(prompt_ids) * per_prompt responses grouped by prompt, each a list of token ids up to and including
     its first EOS, and for each response the entropy (nats) of the sampling policy softmax(logits / temperature) at
-    each of its tokens ([len(response)] float32; temperature 1 when greedy).
+    each of its tokens ([len(response)] float32 on the CPU; temperature 1 when greedy), or None without
+    ``record_entropy``.
     """
     model, tokenizer = loaded.hf_model, loaded.tokenizer
     eos = _eos_ids(tokenizer, model)
@@ -109,25 +111,25 @@ def sample_with_entropy(
     for start in tqdm(batches, desc="generating", unit="batch", disable=not progress):
         ids, mask = pad_rows(prompt_ids[start : start + prompts_per_call], pad, left=True, device=loaded.device)
         cache = prefilled_cache(model, ids, mask, per_prompt) if ids.shape[1] > 1 else None
-        recorder = EntropyRecorder(config.temperature or 1.0)
+        recorder = EntropyRecorder(config.temperature or 1.0) if record_entropy else None
         output = model.generate(
             input_ids=ids.repeat_interleave(per_prompt, 0), attention_mask=mask.repeat_interleave(per_prompt, 0),
             generation_config=generation_config, **({cache_keyword(model): cache} if cache is not None else {}),
-            logits_processor=LogitsProcessorList([recorder, *sampling_processors]),
+            logits_processor=LogitsProcessorList(([recorder] if recorder else []) + sampling_processors),
         )
-        step_entropy = torch.stack(recorder.steps, dim=1)  # [batch, steps]
+        step_entropy = torch.stack(recorder.steps, dim=1).cpu() if recorder else None  # [batch, steps]
         for b, row in enumerate(output[:, ids.shape[1] :].tolist()):
             ends = [i for i, token in enumerate(row) if token in eos]
             responses.append(row[: ends[0] + 1] if ends else row)
-            entropies.append(step_entropy[b, : len(responses[-1])])
+            entropies.append(None if step_entropy is None else step_entropy[b, : len(responses[-1])])
     return responses, entropies
 
 
 def sample_responses(
     loaded: LoadedModel, prompt_ids: list[list[int]], config: SamplingConfig, per_prompt: int = 1, progress: bool = False
 ) -> list[list[int]]:
-    """``sample_with_entropy`` without the entropies."""
-    return sample_with_entropy(loaded, prompt_ids, config, per_prompt, progress)[0]
+    """``sample_with_entropy`` without recording the entropies."""
+    return sample_with_entropy(loaded, prompt_ids, config, per_prompt, progress, record_entropy=False)[0]
 
 
 def vllm_available() -> bool:

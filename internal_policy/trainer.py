@@ -228,11 +228,11 @@ class Trainer:
         prompt_ids = [self.prompt_ids[i] for i in indices]
         sampling = SamplingConfig(c.max_new_tokens, c.temperature, c.top_p, batch_size=len(prompt_ids) * c.group_size,
                                   seed=c.seed * 1_000_003 + step * 101 + self.accelerator.process_index)
-        unwrapped = LoadedModel(**{**self.loaded.__dict__, "hf_model": self.model})
         if self.vllm is not None:
             responses = self.vllm.sample(prompt_ids, c.group_size)
             entropies = [None] * len(responses)
         else:
+            unwrapped = LoadedModel(**{**self.loaded.__dict__, "hf_model": self.model})
             with self.accelerator.autocast():  # the same precision as the training forward
                 responses, entropies = sample_with_entropy(unwrapped, prompt_ids, sampling, per_prompt=c.group_size)
         groups = []
@@ -314,9 +314,15 @@ class Trainer:
         for start in range(0, len(rows), self.config.micro_batch_size):
             chunk = rows[start : start + self.config.micro_batch_size]
             phase, states = self._phase_states(forward, chunk, layer, keep={self.monitor_layer})
-            out.append(dict(logp=self.head.log_probs(phase, self._targets(chunk)), ref=self._reference_log_probs(chunk, layer),
-                            internal_entropy=self.head.entropy(states[self.monitor_layer])))
+            out.append(self._before_update(chunk, layer, self.head.log_probs(phase, self._targets(chunk)), states))
         return out
+
+    @torch.no_grad()
+    def _before_update(self, rows, layer: int | None, logp: Tensor, states: dict) -> dict:
+        """What the update compares against for these rows: the phase policy's log-probs, the reference's (KL), and
+        the logged entropy of the monitored layer's policy."""
+        return dict(logp=logp.detach(), ref=self._reference_log_probs(rows, layer),
+                    internal_entropy=self.head.entropy(states[self.monitor_layer].detach()))
 
     @torch.no_grad()
     def _reference_log_probs(self, rows, layer: int | None):
@@ -366,8 +372,7 @@ class Trainer:
                     captured, (logp, entropy) = self._phase_states(self.policy, chunk, layer, keep=keep,
                                                                    readout=self._log_probs_of(layer, tgt))
                     if on_policy:
-                        old.append(dict(logp=logp.detach(), ref=self._reference_log_probs(chunk, layer),
-                                        internal_entropy=self.head.entropy(captured[self.monitor_layer].detach())))
+                        old.append(self._before_update(chunk, layer, logp, captured))
                         old_logp, ref = old[-1]["logp"], old[-1]["ref"]
                     else:
                         old_logp = torch.cat([old_by_row[r]["logp"] for r in chosen])
