@@ -7,6 +7,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+# |log ratio| cap, as in verl: exp() of a float32 log-ratio above ~88 is inf, and inf * 0 in the backward of the
+# minimum / clamp is NaN. Beyond the cap (r > 4.9e8 or r < 2.1e-9) the token gives no gradient.
+MAX_LOG_RATIO = 20.0
+
 
 def group_advantages(rewards: Tensor, scale_std: bool = True, eps: float = 1e-6) -> Tensor:
     """A_i = (R_i - mean(R)) / (std(R) + eps) within each group. rewards [prompts, group] -> same shape.
@@ -47,8 +51,11 @@ def clipped_policy_loss(
 
         loss = -1/n * sum_t min(r_t A_t, clip(r_t, 1 - clip_low, 1 + clip_high) A_t)
                + kl_coef * 1/n * sum_t k3(pi_ref, pi_theta)_t - entropy_coef * 1/n * sum_t H_t
+
+    Both log-ratios (log r_t, and log pi_ref - log pi_theta in k3) are clamped to +-MAX_LOG_RATIO first, so a policy
+    that moved far from the old one (a large learning rate, an unnormalised internal layer) cannot overflow to NaN.
     """
-    log_ratio = logp - logp_old
+    log_ratio = torch.clamp(logp - logp_old, -MAX_LOG_RATIO, MAX_LOG_RATIO)
     ratio = torch.exp(log_ratio)
     unclipped = ratio * advantages
     clipped = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high) * advantages
@@ -56,7 +63,7 @@ def clipped_policy_loss(
     loss = -surrogate.sum() / normaliser
     kl_ref = torch.zeros(())
     if logp_reference is not None and kl_coef:
-        delta = logp_reference - logp  # k3 estimator of KL(pi_theta || pi_ref): e^d - d - 1
+        delta = torch.clamp(logp_reference - logp, -MAX_LOG_RATIO, MAX_LOG_RATIO)  # k3 estimator of KL(pi_theta || pi_ref): e^d - d - 1
         kl_terms = torch.exp(delta) - delta - 1.0
         loss = loss + kl_coef * kl_terms.sum() / normaliser
         kl_ref = kl_terms.detach().mean()

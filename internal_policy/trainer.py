@@ -120,13 +120,6 @@ class Trainer:
                     f"{option} {value} does not split evenly over {self.accelerator.num_processes} processes (each takes "
                     "whole groups, and all must take part in every update). Fix: use a multiple."
                 )
-        several_updates = config.ppo_epochs > 1 or (config.mini_batch_prompts or config.prompts_per_step) < config.prompts_per_step
-        if self.accelerator.num_processes > 1 and config.internal_steps and several_updates:
-            # Seen in tests: with the forward stopped at K, the DDP ranks drift apart from the second update of a step.
-            raise IPolicyError(
-                "BuPO's internal phase under several processes supports one update per step for now (the ranks drift "
-                "apart otherwise). Fix: --ppo-epochs 1 and no --mini-batch-prompts, or run the internal phase on one process."
-            )
         self.head = PolicyHead(self.loaded.unembed, temperature=config.temperature)
         model = self.loaded.hf_model
         model.train(False)  # no dropout in RL updates; gradients flow regardless
@@ -386,6 +379,11 @@ class Trainer:
                     stats["approx_kl"].append(terms.approx_kl)
                     stats["kl_ref"].append(terms.kl_to_reference)
                 grad_norm = self.accelerator.clip_grad_norm_(self.policy.parameters(), c.max_grad_norm)
+                if not torch.isfinite(grad_norm):  # the same on every process: DDP all-reduced the gradients
+                    raise IPolicyError(
+                        f"Step {step}: the gradient is not finite (the loss diverged), so the update was not applied and "
+                        "no checkpoint of this step is written. Fix: lower --lr (or --clip-high) and train into a new --out."
+                    )
                 stats["grad_norm"].append(float(grad_norm))
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)

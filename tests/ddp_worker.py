@@ -1,7 +1,7 @@
 """Run under `accelerate launch --num_processes 2`: a 2-step run, then each rank saves its parameters.
 
-Variant "bupo": one internal step (K = 2), then one full step. Variant "grpo-minibatches": GRPO with two mini-batches
-and two PPO epochs per step (four optimiser steps, the off-policy path)."""
+Variant "bupo": one internal step (K = 2), then one full step, each with two mini-batches and two PPO epochs (four
+optimiser steps per step, the off-policy path). Variant "grpo-minibatches": GRPO the same way."""
 
 import sys
 from pathlib import Path
@@ -11,8 +11,8 @@ import torch
 from internal_policy.trainer import TrainConfig, Trainer
 
 out, model, data, reward, variant = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]
-options = {"bupo": dict(internal_layer=2, internal_steps=1, prompts_per_step=2),
-           "grpo-minibatches": dict(prompts_per_step=4, mini_batch_prompts=2, ppo_epochs=2)}[variant]
+options = dict(prompts_per_step=4, mini_batch_prompts=2, ppo_epochs=2)
+options |= {"bupo": dict(internal_layer=2, internal_steps=1), "grpo-minibatches": {}}[variant]
 config = TrainConfig(model=model, data=data, reward=reward, steps=2, group_size=4, max_new_tokens=8, lr=1e-3, save_every=1,
                      seed=0, dtype="float32", device="cpu", **options)
 trainer = Trainer(config, out)

@@ -128,6 +128,34 @@ def test_loss_equals_hand_computation():
     assert with_kl.loss.item() == pytest.approx(terms.loss.item() + 0.5 * float((d.exp() - d - 1).sum()) / 8, rel=1e-6)
 
 
+def test_loss_stays_finite_far_from_the_old_policy():
+    """An update that moved the policy far (exp(log r) overflows float32 above 88) must not produce NaN gradients;
+    below the cap the gradient is the exact one, beyond it the token contributes none."""
+    logp_old = torch.zeros(4)
+    logp = torch.tensor([100.0, -100.0, 0.1, 100.0], requires_grad=True)
+    advantages = torch.tensor([1.0, 1.0, -1.0, -1.0])
+    terms = clipped_policy_loss(logp, logp_old, advantages, normaliser=4)
+    terms.loss.backward()
+    assert torch.isfinite(terms.loss) and torch.isfinite(logp.grad).all() and math.isfinite(terms.approx_kl)
+    exact = math.exp(0.1) / 4  # d/dlogp of -(r A)/4 with r = e^0.1, A = -1 (unclipped branch: r A < clip(r) A)
+    assert logp.grad.tolist() == pytest.approx([0.0, 0.0, exact, 0.0], rel=1e-6)
+    with_kl = clipped_policy_loss(logp.detach(), logp_old, advantages, 4, logp_reference=torch.full((4,), -300.0), kl_coef=0.1)
+    assert torch.isfinite(with_kl.loss)
+
+
+def test_diverged_update_stops_the_run_before_it_lands(tiny_llama, train_files, tmp_path, monkeypatch):
+    def diverging(*args, **kwargs):
+        terms = clipped_policy_loss(*args, **kwargs)
+        terms.loss = terms.loss * float("nan")
+        return terms
+
+    monkeypatch.setattr(trainer_module, "clipped_policy_loss", diverging)
+    out = tmp_path / "diverged"
+    result = run_cli(*bupo_args(tiny_llama, train_files, out))
+    assert result.exit_code == 2 and "Step 1: the gradient is not finite" in result.output
+    assert not (out / "checkpoints" / "step-1").exists() and not (out / "metrics.jsonl").exists()
+
+
 @pytest.mark.parametrize("n, c, k", [(5, 0, 1), (5, 2, 1), (5, 2, 2), (10, 3, 4), (16, 1, 8), (4, 4, 2), (20, 17, 5)])
 def test_pass_at_k_matches_closed_form(n, c, k):
     assert pass_at_k(n, c, k) == pytest.approx(1 - math.comb(n - c, k) / math.comb(n, k), abs=1e-12)
@@ -221,6 +249,7 @@ def test_two_processes_under_accelerate_launch_stay_in_sync(variant, tiny_llama,
     step1 = load_file(tmp_path / "checkpoints" / "step-1" / "model.safetensors")
     step2 = load_file(tmp_path / "checkpoints" / "step-2" / "model.safetensors")
     for name, value in ranks[0].items():
+        assert torch.isfinite(value).all(), name
         assert torch.equal(value, ranks[1][name]), name
         assert torch.equal(value, step2[name]), name
     assert any(not torch.equal(step2[n], start[n]) for n in start if ".layers.3." in n)  # the full phase moves them
