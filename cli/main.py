@@ -175,6 +175,7 @@ def train_bupo(
     device: str = typer.Option("auto", help="cpu, cuda or auto."),
     autocast: Optional[bool] = typer.Option(None, "--autocast/--no-autocast", help="bfloat16 autocast of forwards and rollouts (default: on a GPU, off on the CPU)."),
     rollouts: str = typer.Option("transformers", help="Rollout engine: transformers (generate) or vllm (a GPU with vllm and trl installed; colocated, weights pushed every step)."),
+    vllm_gpu_memory: float = typer.Option(0.3, help="--rollouts vllm: the fraction of GPU memory vLLM reserves (weights and KV cache); the rest stays for training."),
     tensorboard: bool = typer.Option(False, "--tensorboard", help="Also log to OUT/tensorboard."),
     wandb: bool = typer.Option(False, "--wandb", help="Also log to Weights & Biases."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
@@ -190,7 +191,7 @@ def train_bupo(
         clip_high=clip_high, scale_std=not no_std_scaling, kl_coef=kl_coef, entropy_coef=entropy_coef,
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, save_every=save_every,
         internal_layer=_layer_option(internal_layer), internal_steps=internal_steps, monitor_layer=monitor_layer,
-        dtype=dtype, device=device, autocast=autocast, rollouts=rollouts, tensorboard=tensorboard, wandb=wandb,
+        dtype=dtype, device=device, autocast=autocast, rollouts=rollouts, vllm_gpu_memory=vllm_gpu_memory, tensorboard=tensorboard, wandb=wandb,
     )
     rows = train(config, out, resume=resume, progress=not quiet)
     if rows:

@@ -22,23 +22,27 @@ _EXP_FLOOR = -87.0
 NORM_MODES = ("none", "final")
 
 
-def fold_block(z: Tensor, running_max: Tensor, bias: Tensor | None = None, scale: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+def fold_block(z: Tensor, running_max: Tensor, bias: Tensor | None = None, scale: float = 1.0,
+               exp_out: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """One vocabulary block of the streamed entropy. z [n, v] matmul output (any float dtype), logits = (z + bias)
     * scale; running_max [n] float32. Returns the new max m [n] and, relative to it, S = sum_j e_j and
     T = sum_j e_j (l_j - m) with e_j = exp(max(l_j - m, -87)), all float32.
 
-    Fast mode runs this compiled (torch.compile fuses it into two passes over the bf16 block); exact mode does the
-    same steps in place in reused float32 buffers (``PolicyHead._fold_block_in_place``).
+    Exact mode calls it eagerly on a float32 z, which it overwrites, with ``exp_out`` a reused float32 buffer of z's
+    shape: no large tensor is allocated per block. Fast mode runs it compiled on a bf16 z (torch.compile fuses it
+    into two passes over the block, and z is left alone).
     """
     z = z.float()
     if bias is not None:
-        z = z + bias
+        z += bias
     if scale != 1.0:
-        z = z * scale
+        z *= scale
     new_max = torch.maximum(running_max, z.amax(dim=-1))
-    shifted = (z - new_max[:, None]).clamp(min=_EXP_FLOOR)
-    e = shifted.exp()
-    return new_max, e.sum(dim=-1), (e * shifted).sum(dim=-1)
+    z -= new_max[:, None]
+    # exp(t) for t < -87 underflows float32 and takes a slow path (6-12x); such a term adds < 1e-36 nats
+    z.clamp_(min=_EXP_FLOOR)
+    e = torch.exp(z, out=exp_out)
+    return new_max, e.sum(dim=-1), torch.mul(e, z, out=exp_out).sum(dim=-1)
 
 
 _compiled_fold_block = None
@@ -156,45 +160,20 @@ class PolicyHead:
             buffer = self._scratch_cache[key] = torch.empty(self.token_chunk * self.vocab_block, dtype=dtype, device=device)
         return buffer[: rows * cols].view(rows, cols)
 
-    def _fold_block_in_place(self, x: Tensor, block: Tensor, start: int, bias: Tensor | None, inv_temperature: float,
-                             running_max: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``fold_block`` of the logits x @ block.T (+ bias, / temperature) in two reused float32 buffers."""
-        n = x.shape[0]
-        z = self._scratch("z", n, block.shape[0], torch.float32, x.device)
-        if x.dtype == torch.float32:
-            torch.matmul(x, block.T, out=z)
-        else:
-            low = self._scratch("z_low", n, block.shape[0], x.dtype, x.device)
-            torch.matmul(x, block.T, out=low)
-            z.copy_(low)
-        if bias is not None:
-            z += bias[start : start + self.vocab_block]
-        if inv_temperature != 1.0:
-            z *= inv_temperature
-        new_max = torch.maximum(running_max, z.amax(dim=-1))
-        z -= new_max[:, None]
-        # exp(t) for t < -87 underflows float32 and takes a slow path (6-12x); such a term adds < 1e-36 nats
-        z.clamp_(min=_EXP_FLOOR)
-        e = self._scratch("e", n, block.shape[0], torch.float32, x.device)
-        torch.exp(z, out=e)
-        return new_max, e.sum(dim=-1), e.mul_(z).sum(dim=-1)
-
     def _entropy_chunk(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         n = x.shape[0]
         running_max = torch.full((n,), -torch.inf, device=x.device)
         sum_exp = torch.zeros(n, device=x.device)  # S = sum_j exp(z_j - running_max)
         sum_exp_z = torch.zeros(n, device=x.device)  # T = sum_j exp(z_j - running_max) * (z_j - running_max)
         inv_temperature = 1.0 / self.temperature
-        fast_fold = _fast_fold_block() if x.dtype != torch.float32 else None
+        fold = _fast_fold_block() if self.fast else fold_block  # fast: bf16 matmul, compiled float32 reductions
         for start in range(0, weight.shape[0], self.vocab_block):
             block = weight[start : start + self.vocab_block]
-            if fast_fold is not None:  # fast mode: bf16 matmul, reductions fused and in float32
-                low = self._scratch("z_low", n, block.shape[0], x.dtype, x.device)
-                block_bias = None if bias is None else bias[start : start + self.vocab_block]
-                new_max, block_sum, block_sum_z = fast_fold(torch.matmul(x, block.T, out=low), running_max, block_bias,
-                                                            inv_temperature)
-            else:
-                new_max, block_sum, block_sum_z = self._fold_block_in_place(x, block, start, bias, inv_temperature, running_max)
+            z = self._scratch("z", n, block.shape[0], x.dtype, x.device)
+            torch.matmul(x, block.T, out=z)
+            block_bias = None if bias is None else bias[start : start + self.vocab_block]
+            exp_out = None if self.fast else self._scratch("e", n, block.shape[0], torch.float32, x.device)
+            new_max, block_sum, block_sum_z = fold(z, running_max, block_bias, inv_temperature, exp_out)
             # Re-express the running sums relative to the new max: e_old' = e_old * c and z' = z - shift.
             shift = new_max - running_max  # >= 0; inf on the first block, where the sums are still zero
             c = torch.exp(-shift)

@@ -147,11 +147,16 @@ class VllmRollouts:
     and vLLM's sampler is seeded per engine, not per step, so a resumed run does not redraw the same tokens.
     """
 
-    def __init__(self, model, accelerator, tokenizer, config: SamplingConfig):
+    def __init__(self, model, accelerator, tokenizer, config: SamplingConfig, gpu_memory: float, context: int):
+        """``gpu_memory``: the fraction of GPU memory vLLM reserves (the trained model and its optimiser need the
+        rest); ``context``: the longest prompt + response, which sizes vLLM's KV cache; ``config.batch_size``: the
+        sequences of one step on this process."""
         from trl.generation.vllm_generation import VLLMGeneration
 
-        self.engine = VLLMGeneration(model, accelerator, tokenizer, mode="colocate", temperature=config.temperature,
-                                     top_p=config.top_p, top_k=0, max_completion_length=config.max_new_tokens)
+        self.engine = VLLMGeneration(model, accelerator, tokenizer, mode="colocate", gpu_memory_utilization=gpu_memory,
+                                     max_model_length=context, max_num_seqs=config.batch_size,
+                                     temperature=config.temperature, top_p=config.top_p, top_k=0,
+                                     max_completion_length=config.max_new_tokens)
 
     def sample(self, prompt_ids: list[list[int]], per_prompt: int) -> list[list[int]]:
         """``per_prompt`` responses per prompt, grouped by prompt, as token ids up to and including EOS."""

@@ -68,6 +68,7 @@ class TrainConfig:
     device: str = "auto"
     autocast: bool | None = None  # bfloat16 autocast of forwards and generation; None = on a GPU, off on the CPU
     rollouts: str = "transformers"  # or "vllm" (a GPU with vllm and trl installed)
+    vllm_gpu_memory: float = 0.3  # fraction of GPU memory the colocated vLLM engine reserves (TRL's default)
     tensorboard: bool = False
     wandb: bool = False
 
@@ -133,8 +134,10 @@ class Trainer:
             self.reference = ResponseForward(reference)
         self.vllm = None
         if config.rollouts == "vllm":
-            sampling = SamplingConfig(config.max_new_tokens, config.temperature, config.top_p)
-            self.vllm = VllmRollouts(self.model, self.accelerator, self.tokenizer, sampling)
+            sequences = config.prompts_per_step // self.accelerator.num_processes * config.group_size
+            sampling = SamplingConfig(config.max_new_tokens, config.temperature, config.top_p, batch_size=sequences)
+            self.vllm = VllmRollouts(self.model, self.accelerator, self.tokenizer, sampling, config.vllm_gpu_memory,
+                                     context=max(map(len, self.prompt_ids)) + config.max_new_tokens)
         self.step = 0
         if resume:
             self._restore()  # also restores the internal layer, so `auto` does not sample again
@@ -163,6 +166,7 @@ class Trainer:
             (0 <= c.clip_low < 1 and c.clip_high >= 0, "--clip-low must be in [0, 1) and --clip-high >= 0"),
             (c.save_every >= 1, "--save-every must be at least 1"),
             (c.rollouts in ("transformers", "vllm"), f"--rollouts must be transformers or vllm, not '{c.rollouts}'"),
+            (0 < c.vllm_gpu_memory < 1, "--vllm-gpu-memory must be in (0, 1)"),
             (0 <= c.internal_steps <= c.steps, f"--internal-steps ({c.internal_steps}) must be in 0..--steps ({c.steps})"),
         ]
         for ok, message in checks:

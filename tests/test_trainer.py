@@ -199,6 +199,7 @@ def test_verifier_failure_is_counted_not_silent(monkeypatch, caplog):
         (["--model", "{files}"], "no config.json"),
         (["--rollouts", "vllm"], "needs a CUDA GPU with the vllm and trl packages"),
         (["--rollouts", "sglang"], "--rollouts must be transformers or vllm"),
+        (["--vllm-gpu-memory", "1.5"], "--vllm-gpu-memory must be in (0, 1)"),
     ],
 )
 def test_bad_training_input(extra, expected, tiny_llama, train_files, tmp_path):
@@ -323,7 +324,11 @@ def test_vllm_rollouts_glue(tiny_llama, train_files, tmp_path, monkeypatch):
                          steps=2, prompts_per_step=2, group_size=4, max_new_tokens=8, lr=1e-3, save_every=1,
                          rollouts="vllm", device="cpu")
     run = Trainer(config, tmp_path)
-    assert run.vllm.engine.options["max_completion_length"] == 8 and run.vllm.engine.options["top_k"] == 0
+    options = run.vllm.engine.options
+    assert options["max_completion_length"] == 8 and options["top_k"] == 0 and options["mode"] == "colocate"
+    # vLLM's own default reserves 90 % of the GPU, which leaves the colocated training no room
+    assert options["gpu_memory_utilization"] == 0.3 and options["max_num_seqs"] == 2 * 4
+    assert options["max_model_length"] == max(map(len, run.prompt_ids)) + 8
     metrics = run.run(progress=False)
     assert [e[0] for e in events] == ["sync", "generate", "sync", "generate"]
     assert events[1][1:] == (8, 4) and events[0][1] != events[2][1]  # 2 prompts x G; step 2 sees updated weights
