@@ -113,8 +113,9 @@ class Trainer:
         # cpu=True makes a multi-process launch (accelerate launch / torchrun) use DDP over gloo on the CPU
         on_cpu = self.loaded.device.type == "cpu"
         autocast = config.autocast if config.autocast is not None else not on_cpu
-        self.accelerator = Accelerator(cpu=on_cpu, mixed_precision="bf16" if autocast else "no",
-                                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+        # BuPO's internal phase leaves the layers above K unused, which DDP must be told of (it costs a graph traversal)
+        ddp = DistributedDataParallelKwargs(find_unused_parameters=bool(config.internal_steps))
+        self.accelerator = Accelerator(cpu=on_cpu, mixed_precision="bf16" if autocast else "no", kwargs_handlers=[ddp])
         for option, value in (("--prompts-per-step", config.prompts_per_step), ("--mini-batch-prompts", config.mini_batch_prompts)):
             if value and value % self.accelerator.num_processes:
                 raise IPolicyError(
