@@ -233,7 +233,8 @@ app.command("train-grpo")(friendly_errors(_grpo_from_bupo()))
 def eval_command(
     model: list[str] = typer.Option([DEFAULT_MODEL], "--model", "-m", help="Model(s) or training run folder(s) (base + every checkpoint); repeat the option."),
     data: list[str] = typer.Option(["arithmetic"], "--data", "-d", help="Dataset(s) with ground truths; repeat the option."),
-    out: Path = typer.Option(Path("runs/eval"), "--out", "-o", help="Writes problems.csv, summary.csv, summary.json."),
+    out: Path = typer.Option(Path("runs/eval"), "--out", "-o", help="Writes responses/, problems.csv, summary.csv, summary.json. Rerunning into it resumes: finished (model, dataset) pairs are not sampled again."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace results of a different evaluation in --out instead of refusing."),
     n: int = typer.Option(16, "--n", help="Responses per problem; Avg@n is their mean accuracy (the paper: 16, 32 for AIME)."),
     k: list[int] = typer.Option([1], "--k", help="pass@k values (unbiased estimator, k <= n); repeat the option."),
     limit: Optional[int] = typer.Option(None, help="First N problems of each dataset."),
@@ -252,7 +253,7 @@ def eval_command(
 
     config = EvalConfig(n=n, k=tuple(k), max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                         limit=limit, reward=reward, dtype=dtype, device=device)
-    summary = evaluate(model, data, config, out, progress=not quiet)
+    summary = evaluate(model, data, config, out, progress=not quiet, overwrite=overwrite)
     table = Table(title=f"Avg@{n} and pass@k", title_style="bold")
     for column in summary.columns:
         table.add_column(str(column), justify="right")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,8 +12,9 @@ import pandas as pd
 
 from .data import encode, load_samples, render_prompt
 from .errors import IPolicyError
-from .io import atomic_write, atomic_write_json
+from .io import atomic_write, atomic_write_text
 from .loading import load_model, run_checkpoints
+from .results import ResultsFolder
 from .rewards import load_reward, score
 from .rollouts import SamplingConfig, sample_responses
 
@@ -41,40 +45,73 @@ class EvalConfig:
     dtype: str = "auto"
     device: str = "auto"
 
+    def fingerprint(self, models: list[str], datasets: list[str]) -> dict:
+        """What changes the stored responses and their scores (not k: pass@k is recomputed from them)."""
+        keep = ("n", "max_new_tokens", "temperature", "top_p", "seed", "limit", "reward", "dtype")
+        return {"models": list(models), "datasets": list(datasets), **{k: getattr(self, k) for k in keep}}
 
-def evaluate(models: list[str], datasets: list[str], config: EvalConfig, out: Path, progress: bool = True) -> pd.DataFrame:
-    """Write per-problem details (problems.csv) and the summary (summary.csv, summary.json) to ``out``."""
+
+EVAL_OUTPUTS = ("responses", "problems.csv", "summary.csv", "summary.json")
+
+
+def _file_name(text: str) -> str:
+    """A readable, unique file-name part for a model label or dataset spec: its last path part, and a short hash."""
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(text).name).strip("_.")[:60]
+    return f"{readable}-{hashlib.sha1(text.encode()).hexdigest()[:6]}"
+
+
+def evaluate(models: list[str], datasets: list[str], config: EvalConfig, out: Path, progress: bool = True,
+             overwrite: bool = False) -> pd.DataFrame:
+    """Sample ``config.n`` responses per problem for every (model, dataset) and score them. Writes to ``out``:
+    responses/<model>--<dataset>.jsonl (every response, its reward and verdict; one atomic file per pair, so a rerun
+    into ``out`` skips the pairs already done), problems.csv (per problem: correct count, accuracy, pass@k) and
+    summary.csv / summary.json (Avg@n and mean pass@k per model and dataset)."""
     for k in config.k:
         if not 1 <= k <= config.n:
             raise IPolicyError(f"--k {k} must be between 1 and --n {config.n}. Fix: raise --n or lower --k.")
+    folder = ResultsFolder(out, config.fingerprint(models, datasets), overwrite, EVAL_OUTPUTS, manifest="summary.json")
     reward_fn = load_reward(config.reward)
     data = {d: load_samples(d, limit=config.limit, seed=config.seed) for d in datasets}
     for name, samples in data.items():
         if config.reward == "math" and any(s.answer is None for s in samples):
             raise IPolicyError(f"Dataset '{name}' has rows without a ground truth. Fix: add answers or use --reward FILE.py:FN.")
     targets = [(label, model) for spec in models for label, _, model in run_checkpoints(spec)]
-    problems = []
-    for label, model in targets:
+    labels = [label for label, _ in targets]
+    targets = [(f"{label}#{t}" if labels.count(label) > 1 else label, model) for t, (label, model) in enumerate(targets)]
+    parts = {(t, d): out / "responses" / f"{_file_name(label)}--{_file_name(name)}.jsonl"
+             for t, (label, _) in enumerate(targets) for d, name in enumerate(data)}
+    for t, (label, model) in enumerate(targets):
+        todo = [(d, name) for d, name in enumerate(data) if not parts[t, d].is_file()]
+        if not todo:
+            continue  # done in an earlier run: not even loaded
         loaded = load_model(model, dtype=config.dtype, device=config.device)
-        for name, samples in data.items():
-            prompts = [encode(loaded.tokenizer, render_prompt(loaded.tokenizer, s.prompt)) for s in samples]
+        for d, name in todo:
+            samples = data[name]
+            prompts = [render_prompt(loaded.tokenizer, s.prompt) for s in samples]
             sampling = SamplingConfig(config.max_new_tokens, config.temperature, config.top_p, config.batch_size, config.seed)
-            responses = sample_responses(loaded, prompts, sampling, per_prompt=config.n, progress=progress)
+            responses = sample_responses(loaded, [encode(loaded.tokenizer, p) for p in prompts], sampling,
+                                         per_prompt=config.n, progress=progress)
+            rows = []
             for i, sample in enumerate(samples):
-                texts = [loaded.tokenizer.decode(r, skip_special_tokens=True) for r in responses[i * config.n : (i + 1) * config.n]]
-                correct = [score(reward_fn, render_prompt(loaded.tokenizer, sample.prompt), t, sample.answer) >= 1.0 for t in texts]
-                c = sum(correct)
-                row = {"model": label, "dataset": name, "problem": sample.id, "n": config.n, "correct": c,
-                       "accuracy": c / config.n, "answer": sample.answer}
-                row.update({f"pass@{k}": pass_at_k(config.n, c, k) for k in config.k})
-                problems.append(row)
-    table = pd.DataFrame(problems)
+                for j, ids in enumerate(responses[i * config.n : (i + 1) * config.n]):
+                    text = loaded.tokenizer.decode(ids, skip_special_tokens=True)
+                    reward = score(reward_fn, prompts[i], text, sample.answer)
+                    rows.append({"model": label, "dataset": name, "problem": sample.id, "sample": j, "answer": sample.answer,
+                                 "response": text, "response_tokens": len(ids), "reward": reward, "correct": reward >= 1.0})
+            folder.start()
+            atomic_write_text(parts[t, d], "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+    responses = pd.DataFrame([json.loads(line) for key in sorted(parts) for line in parts[key].read_text().splitlines()])
+    problems = (responses.groupby(["model", "dataset", "problem"], sort=False)
+                .agg(n=("correct", "size"), correct=("correct", "sum"), answer=("answer", "first")).reset_index())
+    problems["accuracy"] = problems["correct"] / problems["n"]
+    for k in config.k:
+        problems[f"pass@{k}"] = [pass_at_k(n, c, k) for n, c in zip(problems["n"], problems["correct"])]
     metrics = ["accuracy"] + [f"pass@{k}" for k in config.k]
-    summary = table.groupby(["model", "dataset"], sort=False)[metrics].mean().reset_index()
+    summary = problems.groupby(["model", "dataset"], sort=False)[metrics].mean().reset_index()
     summary = summary.rename(columns={"accuracy": f"avg@{config.n}"})
-    summary["problems"] = table.groupby(["model", "dataset"], sort=False).size().values
-    atomic_write(out / "problems.csv", lambda tmp: table.to_csv(tmp, index=False))
-    atomic_write(out / "summary.csv", lambda tmp: summary.to_csv(tmp, index=False))
-    atomic_write_json(out / "summary.json", {"config": config.__dict__, "results": summary.to_dict("records"),
-                                             "verifier_failures": getattr(reward_fn, "failures", 0)})
+    summary["problems"] = problems.groupby(["model", "dataset"], sort=False).size().values
+    atomic_write(out / "problems.csv", lambda tmp: problems.to_csv(tmp, index=False))
+    folder.finish(summary, {"config": config.__dict__, "results": summary.to_dict("records"),
+                            "verifier_failures": getattr(reward_fn, "failures", 0)})
     return summary

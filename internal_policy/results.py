@@ -72,17 +72,26 @@ def boundary_layer(summary: pd.DataFrame, tolerance: float = BOUNDARY_TOLERANCE)
     return boundary
 
 
+ENTROPY_OUTPUTS = ("samples.jsonl", "tokens.parquet", "summary.csv", "manifest.json")
+
+
 class ResultsFolder:
     """An output folder that resumes: each finished batch is an atomic parquet shard; the fingerprint (everything
-    that changes the numbers) must match for a rerun to reuse them."""
+    that changes the numbers) must match for a rerun to reuse them.
 
-    def __init__(self, out: Path, fingerprint: dict, overwrite: bool = False):
+    ``outputs`` are the files (or folders) a run writes, removed by ``overwrite``; ``manifest`` is the one of them
+    that records the fingerprint of a finished run."""
+
+    def __init__(self, out: Path, fingerprint: dict, overwrite: bool = False, outputs: tuple[str, ...] = ENTROPY_OUTPUTS,
+                 manifest: str = "manifest.json"):
         self.out = Path(out)
         self.partial = self.out / ".partial"
+        self.manifest = self.out / manifest
         self.fingerprint = json.loads(json.dumps(fingerprint, default=str))
         if overwrite and self.out.exists():
-            for name in ("samples.jsonl", "tokens.parquet", "summary.csv", "manifest.json"):
-                (self.out / name).unlink(missing_ok=True)
+            for name in outputs:
+                path = self.out / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
             shutil.rmtree(self.partial, ignore_errors=True)
         self._check_fingerprint()
 
@@ -93,7 +102,7 @@ class ResultsFolder:
             atomic_write_json(self.partial / "fingerprint.json", self.fingerprint)
 
     def _check_fingerprint(self) -> None:
-        for path in (self.partial / "fingerprint.json", self.out / "manifest.json"):
+        for path in (self.partial / "fingerprint.json", self.manifest):
             if not path.is_file():
                 continue
             stored = json.loads(path.read_text())
@@ -114,7 +123,7 @@ class ResultsFolder:
 
     def done_sample_indices(self) -> set[int]:
         done: set[int] = set()
-        if (self.out / "manifest.json").is_file() and (self.out / "tokens.parquet").is_file():
+        if self.manifest.is_file() and (self.out / "tokens.parquet").is_file():
             done |= set(pd.read_parquet(self.out / "tokens.parquet", columns=["sample_index"])["sample_index"])
         for shard in self._shards():
             done |= set(pd.read_parquet(shard, columns=["sample_index"])["sample_index"])
@@ -129,7 +138,7 @@ class ResultsFolder:
     def combine_tokens(self) -> pd.DataFrame:
         """Merge the shards (and a previous complete tokens.parquet) into tokens.parquet; return the table."""
         sources = self._shards()
-        if (self.out / "tokens.parquet").is_file() and (self.out / "manifest.json").is_file():
+        if (self.out / "tokens.parquet").is_file() and self.manifest.is_file():
             sources = [self.out / "tokens.parquet", *sources]
         tables = [pq.read_table(path) for path in sources]
         if not tables:
@@ -142,6 +151,6 @@ class ResultsFolder:
 
     def finish(self, summary: pd.DataFrame, manifest: dict) -> None:
         atomic_write(self.out / "summary.csv", lambda tmp: summary.to_csv(tmp, index=False, float_format="%.6g"))
-        atomic_write_json(self.out / "manifest.json", {**manifest, "fingerprint": self.fingerprint})
+        atomic_write_json(self.manifest, {**manifest, "fingerprint": self.fingerprint})
         shutil.rmtree(self.partial, ignore_errors=True)
 

@@ -21,6 +21,9 @@ def fn(prompt, response, ground_truth):
 
 def not_a_number(prompt, response, ground_truth):
     return "high"
+
+def has_digit(prompt, response, ground_truth):
+    return float(any(ch.isdigit() for ch in response))
 '''
 
 
@@ -227,6 +230,58 @@ def test_eval_avg_and_pass_at_k(tiny_llama, train_files, tmp_path):
     assert len(problems) == 6 and (problems["pass@1"] - problems["correct"] / 4).abs().max() < 1e-12
     assert (problems["pass@4"] == (problems["correct"] > 0).astype(float)).all()
     assert summary["avg@4"].iloc[0] == pytest.approx(problems["accuracy"].mean())
+
+
+def test_eval_keeps_every_response_and_resumes(tiny_llama, tiny_qwen3, train_files, tmp_path, monkeypatch):
+    """Two models x one dataset: the stored responses rescore to the table's counts, pass@k is the closed form, and
+    an interrupted evaluation resumes without sampling a finished (model, dataset) pair again."""
+    import pandas as pd
+
+    import internal_policy.evaluation as evaluation
+
+    def args(out, *extra):
+        return ["eval", "-m", tiny_llama, "-m", tiny_qwen3, "-d", train_files / "rows.jsonl", "--reward",
+                f"{train_files / 'rewards.py'}:has_digit", "--n", "5", "--k", "1", "--k", "3", "--max-new-tokens", "5",
+                "--temperature", "1.5", "-o", out, "-q", *extra]
+
+    whole = tmp_path / "whole"
+    assert run_cli(*args(whole)).exit_code == 0
+    problems = pd.read_csv(whole / "problems.csv")
+    responses = pd.concat([pd.read_json(p, lines=True) for p in sorted((whole / "responses").glob("*.jsonl"))])
+    assert len(problems) == 2 * 6 and len(responses) == 2 * 6 * 5
+    rescored = responses.assign(ok=[any(ch.isdigit() for ch in str(r)) for r in responses["response"].fillna("")])
+    counts = rescored.groupby(["model", "problem"])["ok"].sum()
+    assert [counts[m, str(p)] for m, p in zip(problems["model"], problems["problem"])] == problems["correct"].tolist()
+    assert 0 < problems["correct"].sum() < len(responses)  # the check can tell right from wrong
+    closed = [1 - math.comb(5 - c, 3) / math.comb(5, 3) for c in problems["correct"]]
+    assert problems["pass@3"].tolist() == pytest.approx(closed, abs=1e-12)
+
+    resumed = tmp_path / "resumed"
+    loads = []
+    real_load = evaluation.load_model
+
+    def crash_on_second_model(*a, **k):
+        loads.append(a[0])
+        if len(loads) == 2:
+            raise KeyboardInterrupt
+        return real_load(*a, **k)
+
+    monkeypatch.setattr(evaluation, "load_model", crash_on_second_model)
+    assert run_cli(*args(resumed)).exit_code == 130
+    assert len(list((resumed / "responses").glob("*.jsonl"))) == 1 and not (resumed / "problems.csv").exists()
+    monkeypatch.setattr(evaluation, "load_model", real_load)
+    sampled = []
+    real_sample = evaluation.sample_responses
+    monkeypatch.setattr(evaluation, "sample_responses", lambda *a, **k: sampled.append(1) or real_sample(*a, **k))
+    assert run_cli(*args(resumed)).exit_code == 0
+    assert len(sampled) == 1  # only the second model
+    pd.testing.assert_frame_equal(pd.read_csv(resumed / "problems.csv"), problems)
+
+    assert run_cli(*args(resumed, "--k", "5")).exit_code == 0 and len(sampled) == 1  # new k: rescored, not resampled
+    assert (pd.read_csv(resumed / "problems.csv")["pass@5"] == (problems["correct"] > 0)).all()
+    refused = run_cli(*args(resumed, "--seed", "1"))
+    assert refused.exit_code == 2 and "differs in: seed" in refused.output
+    assert run_cli(*args(resumed, "--seed", "1", "--overwrite")).exit_code == 0 and len(sampled) == 3
 
 
 def launch_two_processes(tmp_path, tiny_llama, train_files, variant: str):
