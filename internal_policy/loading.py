@@ -160,6 +160,22 @@ def _resolve_source(model: str) -> tuple[str, str]:
     return model, "hub"
 
 
+def model_location(model: str) -> str:
+    """What ``from_pretrained`` (or vLLM) loads for ``--model``: a folder (GGUF files are converted once, to a cached
+    folder) or a Hub id. Raises one clear error for a path that is not a model."""
+    return _resolve_source(model)[0]
+
+
+def load_tokenizer(location: str, **kwargs):
+    """The tokenizer at ``location``, with a pad token (its EOS when it has none: batches are masked anyway)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_model(
     model: str = DEFAULT_MODEL,
     *,
@@ -174,7 +190,7 @@ def load_model(
     With ``device_map`` (e.g. ``"auto"``) transformers/accelerate spread a large model over the available GPUs and
     the CPU; ``device`` is then ignored.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     from transformer_lens.model_bridge import TransformerBridge
 
     device = resolve_device(device)
@@ -182,7 +198,7 @@ def load_model(
     location, source = _resolve_source(model)
     kwargs = dict(revision=revision, trust_remote_code=trust_remote_code)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+        tokenizer = load_tokenizer(location, **kwargs)
         hf_model = AutoModelForCausalLM.from_pretrained(
             location, dtype=torch_dtype, device_map=device_map, **kwargs
         )
@@ -197,8 +213,6 @@ def load_model(
     if device_map is None:
         hf_model.to(device)
     hf_model.eval()
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     # The bridge rewires the modules it wraps, and in TransformerLens 4.3 KV-cache decoding through its attention
     # wrapper is wrong (greedy output degenerates). So the bridge wraps a shadow copy that shares every parameter
     # with hf_model: hooks see the same weights, while generation and training use the untouched model.

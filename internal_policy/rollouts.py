@@ -132,6 +132,33 @@ def sample_responses(
     return sample_with_entropy(loaded, prompt_ids, config, per_prompt, progress, record_entropy=False)[0]
 
 
+def sample_responses_vllm(location: str, prompt_ids: list[list[int]], config: SamplingConfig, per_prompt: int = 1,
+                          dtype: str = "auto", progress: bool = False) -> list[list[int]]:
+    """``sample_responses`` through a vLLM engine (a GPU, or vLLM's CPU build) started on the model at ``location`` (a
+    folder or Hub id): ``per_prompt`` responses per prompt, grouped by prompt, each up to and including its EOS.
+
+    The same distribution, softmax(logits / T) under top-p (T = 0: greedy), with the model's own generation defaults
+    ignored as in the transformers engine; vLLM draws its own random numbers, so sampled tokens differ between the two.
+    The engine is shut down on return, which frees its memory for the next model."""
+    import gc
+
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=location, dtype=dtype, seed=config.seed, generation_config="vllm",
+              max_model_len=max(map(len, prompt_ids)) + config.max_new_tokens)
+    try:
+        # One request per response (vLLM's prefix cache shares the prompt), each with its own seed; n > 1 in one
+        # request would share a seed, and vLLM refuses it for greedy decoding.
+        requests = [{"prompt_token_ids": ids} for ids in prompt_ids for _ in range(per_prompt)]
+        params = [SamplingParams(temperature=config.temperature, top_p=config.top_p, max_tokens=config.max_new_tokens,
+                                 seed=config.seed * 1_000_003 + r) for r in range(len(requests))]
+        outputs = llm.generate(requests, params, use_tqdm=progress)
+        return [list(output.outputs[0].token_ids) for output in outputs]
+    finally:
+        del llm
+        gc.collect()
+
+
 def vllm_available() -> bool:
     """vLLM rollouts need the vllm and trl packages and a CUDA GPU."""
     import importlib.util
