@@ -31,8 +31,16 @@ def main() -> None:
     """Internal policy entropy of causal LMs (layer-wise and module-wise), and GRPO/BuPO training."""
 
 
+ON_INTERRUPT = {  # what Ctrl-C leaves behind, per command
+    "entropy": "finished batches are kept; rerun the same command to resume.",
+    "eval_command": "finished (model, dataset) pairs are kept; rerun the same command to resume.",
+    "train_bupo": "the checkpoints written so far are kept; rerun the same command with --resume to continue.",
+    "train_grpo": "the checkpoints written so far are kept; rerun the same command with --resume to continue.",
+}
+
+
 def friendly_errors(command):
-    """Bad input becomes one red line on stderr and exit code 2; no traceback."""
+    """Bad input becomes one red line on stderr and exit code 2; no traceback. Ctrl-C exits 130 with what was kept."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -42,7 +50,8 @@ def friendly_errors(command):
             console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
             raise typer.Exit(2)
         except KeyboardInterrupt:
-            console.print("[yellow]interrupted:[/] finished batches are kept; rerun the same command to resume.")
+            kept = ON_INTERRUPT.get(command.__name__, "nothing was written half-way.")
+            console.print(f"[yellow]interrupted:[/] {kept}")
             raise typer.Exit(130)
 
     return wrapper

@@ -85,7 +85,8 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_llama, train_files, tmp_pa
         return original(self, step)
 
     monkeypatch.setattr(trainer_module.Trainer, "train_step", crash_at_three)
-    assert run_cli(*bupo_args(tiny_llama, train_files, resumed)).exit_code == 130
+    interrupted = run_cli(*bupo_args(tiny_llama, train_files, resumed))
+    assert interrupted.exit_code == 130 and "with --resume to continue" in interrupted.output
     monkeypatch.setattr(trainer_module.Trainer, "train_step", original)
     assert run_cli(*bupo_args(tiny_llama, train_files, resumed, "--resume")).exit_code == 0
 
@@ -267,7 +268,8 @@ def test_eval_keeps_every_response_and_resumes(tiny_llama, tiny_qwen3, train_fil
         return real_load(*a, **k)
 
     monkeypatch.setattr(evaluation, "load_model", crash_on_second_model)
-    assert run_cli(*args(resumed)).exit_code == 130
+    interrupted = run_cli(*args(resumed))
+    assert interrupted.exit_code == 130 and "pairs are kept; rerun the same command" in interrupted.output
     assert len(list((resumed / "responses").glob("*.jsonl"))) == 1 and not (resumed / "problems.csv").exists()
     monkeypatch.setattr(evaluation, "load_model", real_load)
     sampled = []
