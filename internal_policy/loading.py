@@ -66,8 +66,12 @@ class LoadedModel:
 
     @property
     def context_length(self) -> int | None:
-        config = self.hf_model.config
-        return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        return context_length(self.hf_model.config)
+
+
+def context_length(config) -> int | None:
+    """The longest sequence a model config allows (tokens), or None when it does not say."""
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
 
 def cache_dir() -> Path:

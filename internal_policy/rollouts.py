@@ -9,6 +9,7 @@ logs the sampling policy's entropy at every token on the way.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -133,19 +134,20 @@ def sample_responses(
 
 
 def sample_responses_vllm(location: str, prompt_ids: list[list[int]], config: SamplingConfig, per_prompt: int = 1,
-                          dtype: str = "auto", progress: bool = False) -> list[list[int]]:
+                          dtype: str = "auto", progress: bool = False, **engine_options) -> list[list[int]]:
     """``sample_responses`` through a vLLM engine (a GPU, or vLLM's CPU build) started on the model at ``location`` (a
     folder or Hub id): ``per_prompt`` responses per prompt, grouped by prompt, each up to and including its EOS.
 
     The same distribution, softmax(logits / T) under top-p (T = 0: greedy), with the model's own generation defaults
     ignored as in the transformers engine; vLLM draws its own random numbers, so sampled tokens differ between the two.
-    The engine is shut down on return, which frees its memory for the next model."""
+    The engine is shut down on return, which frees its memory for the next model. ``engine_options`` go to
+    ``vllm.LLM`` (e.g. revision, trust_remote_code)."""
     import gc
 
     from vllm import LLM, SamplingParams
 
     llm = LLM(model=location, dtype=dtype, seed=config.seed, generation_config="vllm",
-              max_model_len=max(map(len, prompt_ids)) + config.max_new_tokens)
+              max_model_len=max(map(len, prompt_ids)) + config.max_new_tokens, **engine_options)
     try:
         # One request per response (vLLM's prefix cache shares the prompt), each with its own seed; n > 1 in one
         # request would share a seed, and vLLM refuses it for greedy decoding.
@@ -193,21 +195,20 @@ class VllmRollouts:
         return [list(ids) for ids in completions]
 
 
-def complete_samples(
-    loaded: LoadedModel, samples: list[Sample], n_per_prompt: int, config: SamplingConfig, progress: bool = False
-) -> list[Sample]:
+def complete_samples(tokenizer, samples: list[Sample], n_per_prompt: int,
+                     generate: Callable[[list[list[int]], int], list[list[int]]]) -> list[Sample]:
     """Give every sample a response: rows that have one are kept as they are; the others get ``n_per_prompt``
-    sampled responses each (decoded to text without special tokens, so they are analysed like given ones)."""
+    responses each from ``generate(prompt_ids, n_per_prompt)`` (``sample_responses`` or ``sample_responses_vllm``),
+    decoded to text without special tokens, so they are analysed like given ones."""
     done = [s for s in samples if s.response is not None]
     todo = [s for s in samples if s.response is None]
     if not todo:
         return samples
     expanded = [s for s in todo for _ in range(n_per_prompt)]
-    prompt_ids = [encode(loaded.tokenizer, render_prompt(loaded.tokenizer, s.prompt)) for s in todo]
-    responses = sample_responses(loaded, prompt_ids, config, per_prompt=n_per_prompt, progress=progress)
+    responses = generate([encode(tokenizer, render_prompt(tokenizer, s.prompt)) for s in todo], n_per_prompt)
     generated = []
     for k, (sample, ids) in enumerate(zip(expanded, responses)):
-        text = loaded.tokenizer.decode(ids, skip_special_tokens=True)
+        text = tokenizer.decode(ids, skip_special_tokens=True)
         generated.append(
             Sample(id=f"{sample.id}#{k % n_per_prompt}", prompt=sample.prompt, response=text, answer=sample.answer, source=sample.source)
         )

