@@ -13,13 +13,12 @@ from pathlib import Path
 
 import pandas as pd
 from tqdm.auto import tqdm
-from transformers import AutoConfig
 
 from . import plots
 from .data import BUILTIN_ARITHMETIC, encode, load_samples, read_jsonl_samples, render_prompt, tokenize_sample, write_jsonl
 from .entropy import EngineConfig, EntropyEngine
 from .errors import IPolicyError
-from .loading import DEFAULT_MODEL, LoadedModel, context_length, load_model, load_tokenizer, model_location, run_checkpoints
+from .loading import DEFAULT_MODEL, LoadedModel, load_model, model_files, run_checkpoints
 from .policy import NORM_MODES
 from .io import atomic_write, atomic_write_json
 from .refinement import feature_refinement
@@ -123,12 +122,10 @@ def run_entropy(config: EntropyRunConfig, out: Path, overwrite: bool = False, pr
     options = dict(revision=config.revision, trust_remote_code=config.trust_remote_code)
     if samples is not None and config.rollouts == "vllm":  # before the model is loaded: vLLM needs the memory
         t = time.perf_counter()
-        location = model_location(config.model)
-        tokenizer = load_tokenizer(location, **options)
-        _check_lengths(tokenizer, context_length(AutoConfig.from_pretrained(location, **options)), samples,
-                       config.max_new_tokens)
-        samples = complete_samples(tokenizer, samples, config.samples, lambda ids, n: sample_responses_vllm(
-            location, ids, sampling, n, config.dtype, progress, **options))
+        files = model_files(config.model, **options)
+        _check_lengths(files.tokenizer, files.context_length, samples, config.max_new_tokens)
+        samples = complete_samples(files.tokenizer, samples, config.samples, lambda ids, n: sample_responses_vllm(
+            files.location, ids, sampling, n, config.dtype, progress, **options))
         folder.start()
         write_jsonl(folder.samples_path, samples)
         timings["generate_s"] = time.perf_counter() - t

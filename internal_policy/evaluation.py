@@ -14,7 +14,7 @@ import pandas as pd
 from .data import encode, load_samples, render_prompt
 from .errors import IPolicyError
 from .io import atomic_write, atomic_write_text
-from .loading import load_model, load_tokenizer, model_location, run_checkpoints
+from .loading import load_model, model_files, run_checkpoints
 from .results import ResultsFolder
 from .rewards import load_reward, score
 from .rollouts import SamplingConfig, sample_responses, sample_responses_vllm
@@ -62,6 +62,20 @@ def _file_name(text: str) -> str:
     return f"{readable}-{hashlib.sha1(text.encode()).hexdigest()[:6]}"
 
 
+def _sample_and_score(tokenizer, generate, samples, n: int, reward_fn) -> list[dict]:
+    """n responses per sample from ``generate(prompt_ids, n)``, each decoded and scored: one dict per response."""
+    prompts = [render_prompt(tokenizer, s.prompt) for s in samples]
+    responses = generate([encode(tokenizer, p) for p in prompts], n)
+    rows = []
+    for i, sample in enumerate(samples):
+        for j, ids in enumerate(responses[i * n : (i + 1) * n]):
+            text = tokenizer.decode(ids, skip_special_tokens=True)
+            reward = score(reward_fn, prompts[i], text, sample.answer)
+            rows.append({"problem": sample.id, "sample": j, "answer": sample.answer, "response": text,
+                         "response_tokens": len(ids), "reward": reward, "correct": reward >= 1.0})
+    return rows
+
+
 def evaluate(models: list[str], datasets: list[str], config: EvalConfig, out: Path, progress: bool = True,
              overwrite: bool = False) -> pd.DataFrame:
     """Sample ``config.n`` responses per problem for every (model, dataset) and score them. Writes to ``out``:
@@ -87,34 +101,24 @@ def evaluate(models: list[str], datasets: list[str], config: EvalConfig, out: Pa
     targets = [(f"{label}#{t}" if labels.count(label) > 1 else label, model) for t, (label, model) in enumerate(targets)]
     parts = {(t, d): out / "responses" / f"{_file_name(label)}--{_file_name(name)}.jsonl"
              for t, (label, _) in enumerate(targets) for d, name in enumerate(data)}
+    sampling = SamplingConfig(config.max_new_tokens, config.temperature, config.top_p, config.batch_size, config.seed)
     for t, (label, model) in enumerate(targets):
         todo = [(d, name) for d, name in enumerate(data) if not parts[t, d].is_file()]
         if not todo:
             continue  # done in an earlier run: not even loaded
-        if config.rollouts == "vllm":  # vLLM loads the model itself; only the tokenizer is needed here
-            location = model_location(model)
-            tokenizer, loaded = load_tokenizer(location), None
+        if config.rollouts == "vllm":  # vLLM loads the weights itself; only the tokenizer is needed here
+            files = model_files(model)
+            tokenizer = files.tokenizer
+            generate = lambda ids, n: sample_responses_vllm(files.location, ids, sampling, n, config.dtype, progress)  # noqa: E731
         else:
             loaded = load_model(model, dtype=config.dtype, device=config.device)
             tokenizer = loaded.tokenizer
+            generate = lambda ids, n: sample_responses(loaded, ids, sampling, n, progress)  # noqa: E731
         for d, name in todo:
-            samples = data[name]
-            prompts = [render_prompt(tokenizer, s.prompt) for s in samples]
-            prompt_ids = [encode(tokenizer, p) for p in prompts]
-            sampling = SamplingConfig(config.max_new_tokens, config.temperature, config.top_p, config.batch_size, config.seed)
-            if loaded is None:
-                responses = sample_responses_vllm(location, prompt_ids, sampling, config.n, config.dtype, progress)
-            else:
-                responses = sample_responses(loaded, prompt_ids, sampling, per_prompt=config.n, progress=progress)
-            rows = []
-            for i, sample in enumerate(samples):
-                for j, ids in enumerate(responses[i * config.n : (i + 1) * config.n]):
-                    text = tokenizer.decode(ids, skip_special_tokens=True)
-                    reward = score(reward_fn, prompts[i], text, sample.answer)
-                    rows.append({"model": label, "dataset": name, "problem": sample.id, "sample": j, "answer": sample.answer,
-                                 "response": text, "response_tokens": len(ids), "reward": reward, "correct": reward >= 1.0})
+            rows = _sample_and_score(tokenizer, generate, data[name], config.n, reward_fn)
             folder.start()
-            atomic_write_text(parts[t, d], "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+            atomic_write_text(parts[t, d], "".join(json.dumps({"model": label, "dataset": name, **r}, ensure_ascii=False)
+                                                   + "\n" for r in rows))
 
     responses = pd.DataFrame([json.loads(line) for key in sorted(parts) for line in parts[key].read_text().splitlines()])
     problems = (responses.groupby(["model", "dataset", "problem"], sort=False)

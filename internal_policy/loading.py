@@ -164,12 +164,6 @@ def _resolve_source(model: str) -> tuple[str, str]:
     return model, "hub"
 
 
-def model_location(model: str) -> str:
-    """What ``from_pretrained`` (or vLLM) loads for ``--model``: a folder (GGUF files are converted once, to a cached
-    folder) or a Hub id. Raises one clear error for a path that is not a model."""
-    return _resolve_source(model)[0]
-
-
 def load_tokenizer(location: str, **kwargs):
     """The tokenizer at ``location``, with a pad token (its EOS when it has none: batches are masked anyway)."""
     from transformers import AutoTokenizer
@@ -178,6 +172,38 @@ def load_tokenizer(location: str, **kwargs):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def _load_error(model: str, source: str, error: Exception) -> IPolicyError:
+    if source == "hub":
+        return IPolicyError(
+            f"Could not load model '{model}' from the Hugging Face Hub ({str(error).splitlines()[0]}). "
+            f"Fix: check the id and your network, or pass a local folder, a .gguf file or '{DEFAULT_MODEL}'."
+        )
+    return IPolicyError(f"Could not load model '{model}': {str(error).splitlines()[0]}")
+
+
+@dataclass
+class ModelFiles:
+    """What an engine that loads the weights itself (vLLM) needs from ``--model``: where they are, and the tokenizer
+    and context length (tokens) to prepare its prompts."""
+
+    location: str
+    tokenizer: object
+    context_length: int | None
+
+
+def model_files(model: str, revision: str | None = None, trust_remote_code: bool = False) -> ModelFiles:
+    """``--model`` resolved as by ``load_model`` (same errors), without loading the weights."""
+    from transformers import AutoConfig
+
+    location, source = _resolve_source(model)
+    kwargs = dict(revision=revision, trust_remote_code=trust_remote_code)
+    try:
+        return ModelFiles(location, load_tokenizer(location, **kwargs),
+                          context_length(AutoConfig.from_pretrained(location, **kwargs)))
+    except (OSError, ValueError) as error:
+        raise _load_error(model, source, error) from error
 
 
 def load_model(
@@ -207,13 +233,7 @@ def load_model(
             location, dtype=torch_dtype, device_map=device_map, **kwargs
         )
     except (OSError, ValueError) as error:
-        if source == "hub":
-            raise IPolicyError(
-                f"Could not load model '{model}' from the Hugging Face Hub ({str(error).splitlines()[0]}). "
-                "Fix: check the id and your network, or pass a local folder, a .gguf file or "
-                f"'{DEFAULT_MODEL}'."
-            ) from error
-        raise IPolicyError(f"Could not load model '{model}': {str(error).splitlines()[0]}") from error
+        raise _load_error(model, source, error) from error
     if device_map is None:
         hf_model.to(device)
     hf_model.eval()

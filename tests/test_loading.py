@@ -40,3 +40,19 @@ def test_run_checkpoints_lists_base_and_steps(tmp_path):
     assert run_checkpoints("org/model") == [("org/model", 0, "org/model")]
     step = str(run / "checkpoints" / "step-10")
     assert run_checkpoints(step) == [("myrun-step-10", 10, step)]  # two runs' checkpoints keep distinct labels
+
+
+def test_model_files_resolve_without_loading_the_weights(tiny_llama, tmp_path):
+    """What vLLM-backed commands read in-process: the same folder, tokenizer and context as load_model, and the same
+    one-line errors."""
+    from internal_policy.errors import IPolicyError
+    from internal_policy.loading import model_files
+
+    files, loaded = model_files(str(tiny_llama)), load_model(str(tiny_llama), device="cpu")
+    assert files.location == str(tiny_llama) and files.context_length == loaded.context_length == 512
+    assert files.tokenizer("1 + 2")["input_ids"] == loaded.tokenizer("1 + 2")["input_ids"]
+    with pytest.raises(IPolicyError, match="Could not load model 'no-such-org/no-such-model' from the Hugging Face Hub"):
+        model_files("no-such-org/no-such-model")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(IPolicyError, match="no config.json"):
+        model_files(str(tmp_path / "empty"))
