@@ -157,8 +157,10 @@ def sample_responses_vllm(location: str, prompt_ids: list[list[int]], config: Sa
         outputs = llm.generate(requests, params, use_tqdm=progress)
         return [list(output.outputs[0].token_ids) for output in outputs]
     finally:
-        del llm
+        del llm  # shuts the engine down (its process, when vLLM runs one)
         gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def vllm_available() -> bool:

