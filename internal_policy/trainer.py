@@ -31,7 +31,7 @@ from .losses import clipped_policy_loss, group_advantages
 from .policy import PolicyHead
 from .prefix import ResponseForward
 from .rewards import load_reward, score
-from .rollouts import SamplingConfig, VllmRollouts, sample_with_entropy, vllm_available
+from .rollouts import VLLM_FOR_TRAINING, SamplingConfig, VllmRollouts, check_rollouts, sample_with_entropy, vllm_available
 
 STATE_FILE = "trainer_state.pt"
 
@@ -100,9 +100,7 @@ class Trainer:
                 "Fix: add 'answer' (or reward_model.ground_truth) to every row, or use a custom --reward."
             )
         self._check_out_folder(resume)
-        if config.rollouts == "vllm" and not vllm_available():
-            raise IPolicyError("--rollouts vllm needs a CUDA GPU with the vllm and trl packages. "
-                               "Fix: pip install vllm trl on the GPU machine, or use --rollouts transformers.")
+        check_rollouts(config.rollouts, config.rollouts != "vllm" or vllm_available(), VLLM_FOR_TRAINING)
         weights_dtype = "float32" if config.dtype == "auto" else config.dtype
         self.loaded = loaded or load_model(config.model, dtype=weights_dtype, device=config.device)
         self.tokenizer = self.loaded.tokenizer
@@ -166,7 +164,6 @@ class Trainer:
             (c.lr > 0 and c.max_new_tokens >= 1 and c.temperature > 0, "--lr, --max-new-tokens and --temperature must be > 0"),
             (0 <= c.clip_low < 1 and c.clip_high >= 0, "--clip-low must be in [0, 1) and --clip-high >= 0"),
             (c.save_every >= 1, "--save-every must be at least 1"),
-            (c.rollouts in ("transformers", "vllm"), f"--rollouts must be transformers or vllm, not '{c.rollouts}'"),
             (0 < c.vllm_gpu_memory < 1, "--vllm-gpu-memory must be in (0, 1)"),
             (0 <= c.internal_steps <= c.steps, f"--internal-steps ({c.internal_steps}) must be in 0..--steps ({c.steps})"),
         ]
