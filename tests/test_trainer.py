@@ -329,6 +329,19 @@ def test_two_processes_under_accelerate_launch_stay_in_sync(variant, tiny_llama,
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
 
 
+def test_ddp_looks_for_unused_parameters_only_with_an_internal_phase(tiny_llama, train_files, tmp_path):
+    """BuPO's internal phase leaves the layers above K unused, which DDP must be told of; GRPO is spared the extra
+    graph traversal per backward (and its warning)."""
+    from internal_policy.trainer import TrainConfig, Trainer
+
+    common = dict(model=str(tiny_llama), data=str(train_files / "rows.jsonl"), reward=f"{train_files / 'rewards.py'}:fn",
+                  steps=2, max_new_tokens=4, device="cpu")
+    grpo = Trainer(TrainConfig(**common), tmp_path / "grpo")
+    bupo = Trainer(TrainConfig(**common, internal_layer=2, internal_steps=1), tmp_path / "bupo")
+    assert grpo.accelerator.ddp_handler.find_unused_parameters is False
+    assert bupo.accelerator.ddp_handler.find_unused_parameters is True
+
+
 @pytest.fixture
 def fresh_accelerator_state():
     """accelerate keeps one process-wide state; a test that changes its precision starts and ends with a fresh one."""
