@@ -29,11 +29,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-DATA = ROOT.parent / "shared" / "data" / "math500.parquet"
+DATA = "math500"  # the built-in MATH-500 copy (internal_policy/datasets)
 
 from internal_policy.data import Sample, load_samples, tokenize_sample  # noqa: E402
-from internal_policy.entropy import EngineConfig, EntropyEngine  # noqa: E402
-from internal_policy.loading import load_model  # noqa: E402
+from internal_policy.lens.engine import EngineConfig, EntropyEngine  # noqa: E402
+from internal_policy.models import load_model  # noqa: E402
 
 
 def peak_matmul_gflops(d: int, vocab: int, dtype: torch.dtype) -> float:
@@ -52,7 +52,7 @@ def peak_matmul_gflops(d: int, vocab: int, dtype: torch.dtype) -> float:
 
 
 def make_samples(loaded, problems: int, response_tokens: int) -> list[Sample]:
-    samples = load_samples(str(DATA), limit=problems)
+    samples = load_samples(DATA, limit=problems)
     prompts = [tokenize_sample(loaded.tokenizer, Sample(s.id, s.prompt, "")).prompt_ids for s in samples]
     # sample with the model, then force exactly response_tokens by continuing past EOS if needed
     from transformers import GenerationConfig
@@ -80,7 +80,7 @@ def time_engine(loaded, tokenized, **config) -> float:
 def memory_child(impl: str, tokens: int) -> None:
     """Run in a fresh process: analyse one sample with a ``tokens``-token response; print peak RSS (GB) and time."""
     loaded = load_model("smollm2-135m-instruct", device="cpu")
-    text = " ".join(m[-1]["content"] for m in (s.prompt for s in load_samples(str(DATA), limit=200)))
+    text = " ".join(m[-1]["content"] for m in (s.prompt for s in load_samples(DATA, limit=200)))
     ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"][:tokens]
     sample = Sample("long", "Restate these problems.", loaded.tokenizer.decode(ids))
     tokenized = [tokenize_sample(loaded.tokenizer, sample)]

@@ -23,8 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from internal_policy.data import load_samples  # noqa: E402
-from internal_policy.rewards import MathReward  # noqa: E402
-from internal_policy.trainer import TrainConfig, Trainer  # noqa: E402
+from internal_policy.rl.rewards import MathReward  # noqa: E402
+from internal_policy.rl.trainer import TrainConfig, Trainer  # noqa: E402
 
 PROMPTS, GROUP, NEW_TOKENS, LR = 4, 8, 48, 1e-6
 
@@ -42,7 +42,7 @@ def trl_step_seconds(steps: int) -> list[float]:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from internal_policy.loading import embedded_gguf_path, gguf_as_folder
+    from internal_policy.models import embedded_gguf_path, gguf_as_folder
 
     folder = gguf_as_folder(embedded_gguf_path("smollm2-135m-instruct"))
     samples = load_samples("arithmetic", limit=64)

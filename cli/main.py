@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from internal_policy.errors import IPolicyError
-from internal_policy.loading import DEFAULT_MODEL
+from internal_policy.models import DEFAULT_MODEL
 
 app = typer.Typer(
     add_completion=False,
@@ -120,13 +120,13 @@ def entropy(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace results of a different run in --out instead of refusing."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ):
-    """Layer-wise and module-wise internal policy entropy (SPEC §1–2) over a dataset.
+    """Layer-wise and module-wise internal policy entropy (docs/definitions.md §1–2) over a dataset.
 
     Writes summary.csv, tokens.parquet, manifest.json, samples.jsonl and the figures entropy_flow.png (Fig. 2) and
     entropy_change.png (Fig. 3) to --out, then prints the table and the boundary layer.
     """
     _quiet_libraries()
-    from internal_policy.analysis import EntropyRunConfig, run_entropy, run_entropy_checkpoints
+    from internal_policy.entropy_run import EntropyRunConfig, run_entropy, run_entropy_checkpoints
 
     models = [str(r) for r in run] + (model if not run or model != [DEFAULT_MODEL] else [])
     config = EntropyRunConfig(
@@ -190,9 +190,9 @@ def train_bupo(
     wandb: bool = typer.Option(False, "--wandb", help="Also log to Weights & Biases."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ):
-    """BuPO (SPEC §5): GRPO on the internal layer policy pi(h_K) for --internal-steps steps, then on the full policy."""
+    """BuPO (docs/definitions.md §5): GRPO on the internal layer policy pi(h_K) for --internal-steps steps, then on the full policy."""
     _quiet_libraries()
-    from internal_policy.trainer import TrainConfig, train
+    from internal_policy.rl.trainer import TrainConfig, train
 
     config = TrainConfig(
         model=model, data=data, data_limit=data_limit, reward=reward, steps=steps, prompts_per_step=prompts_per_step,
@@ -230,7 +230,7 @@ def _grpo_from_bupo():
     train_grpo.__signature__ = signature.replace(parameters=params)
     train_grpo.__annotations__ = {k: v for k, v in train_bupo.__annotations__.items() if k in signature.parameters
                                   and k not in ("internal_layer", "internal_steps")}
-    train_grpo.__doc__ = "GRPO (SPEC §4): group-normalised advantages and the clipped surrogate on the full policy."
+    train_grpo.__doc__ = "GRPO (docs/definitions.md §4): group-normalised advantages and the clipped surrogate on the full policy."
     return train_grpo
 
 
@@ -258,7 +258,7 @@ def eval_command(
     rollouts: str = typer.Option("transformers", help="Sampling engine: transformers (generate), or vllm where installed (much faster on a GPU)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ):
-    """Avg@n and unbiased pass@k (SPEC §6) per model and dataset, with per-problem details."""
+    """Avg@n and unbiased pass@k (docs/definitions.md §6) per model and dataset, with per-problem details."""
     _quiet_libraries()
     from internal_policy.evaluation import EvalConfig, evaluate
 
@@ -282,7 +282,7 @@ def figures(
     """The paper's figures from stored results: entropy flow, ΔH, dynamics across checkpoints, training curves,
     feature refinement and pass@k."""
     _quiet_libraries()
-    from internal_policy.plots import figures_from_results
+    from internal_policy.figures import figures_from_results
 
     for path in figures_from_results(results, out):
         Console().print(str(path))

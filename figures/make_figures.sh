@@ -4,10 +4,10 @@
 set -euo pipefail
 B=.venv/bin
 R=${RUNS:-runs/figures}
-DATA=../shared/data
+
 
 # 1. SmolLM2-135M-Instruct on 32 MATH-500 problems with generated responses, both norm modes on the same responses.
-$B/ipolicy entropy --data $DATA/math500.parquet --limit 32 --max-new-tokens 128 --out $R/smollm2-math500-none -q
+$B/ipolicy entropy --data math500 --limit 32 --max-new-tokens 128 --out $R/smollm2-math500-none -q
 $B/ipolicy entropy --data $R/smollm2-math500-none/samples.jsonl --norm-mode final --out $R/smollm2-math500-final -q
 
 # 2. GRPO vs BuPO at small scale: built-in arithmetic, 3 seeds each, the same rollout budget (4 prompts x

@@ -1,6 +1,7 @@
 """Prompts, responses and ground truths: one data module for the entropy engine and the trainer.
 
-``--data`` may be ``arithmetic`` (the built-in, seeded task), a local ``.jsonl`` / ``.json`` / ``.parquet`` file, or a
+``--data`` may be ``arithmetic`` (the built-in, seeded task), a shipped benchmark by name (``math500``, ``amc23``,
+``aime24``, ``aime25``, ``deepmath-5k``; see ``datasets/README.md``), a local ``.jsonl`` / ``.json`` / ``.parquet`` file, or a
 Hugging Face Hub dataset name (``HuggingFaceH4/MATH-500``, optionally ``NAME:SPLIT``). Accepted rows:
 
 * the verl layout: ``prompt`` as a list of chat messages, ``reward_model.ground_truth``;
@@ -8,7 +9,7 @@ Hugging Face Hub dataset name (``HuggingFaceH4/MATH-500``, optionally ``NAME:SPL
 * rows with only ``problem`` or ``question`` (MATH-500 on the Hub): turned into chat messages with the same
   step-by-step instruction the verl files use.
 
-Tokenization follows SPEC §2: prompt and response are tokenized separately without special tokens and concatenated.
+Tokenization follows docs/definitions.md §2: prompt and response are tokenized separately without special tokens and concatenated.
 """
 
 from __future__ import annotations
@@ -22,6 +23,14 @@ from typing import Any
 from .errors import IPolicyError
 
 BUILTIN_ARITHMETIC = "arithmetic"
+# Shipped math benchmarks in the verl layout (origin and licence: datasets/README.md), selected by name.
+BUILTIN_DATASETS = {
+    "math500": "math500.parquet",
+    "amc23": "amc2023.parquet",
+    "aime24": "aime_2024.parquet",
+    "aime25": "aime_2025.parquet",
+    "deepmath-5k": "deepmath-5k.parquet",
+}
 MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
 Prompt = str | list[dict[str, str]]
@@ -43,7 +52,7 @@ class Sample:
 
 @dataclass
 class TokenizedSample:
-    """Token ids of one sample (SPEC §2). The analysed positions are ``analysed_positions``."""
+    """Token ids of one sample (docs/definitions.md §2). The analysed positions are ``analysed_positions``."""
 
     sample: Sample
     prompt_ids: list[int]
@@ -122,7 +131,16 @@ def _row_to_sample(row: dict[str, Any], index: int, source: str) -> Sample:
     )
 
 
+def builtin_dataset_path(name: str) -> Path:
+    """The parquet file of a built-in dataset (a key of ``BUILTIN_DATASETS``), inside the installed package."""
+    return Path(__file__).parent / "datasets" / BUILTIN_DATASETS[name]
+
+
 def _read_rows(spec: str) -> list[dict[str, Any]]:
+    if spec in BUILTIN_DATASETS:
+        import pandas as pd
+
+        return pd.read_parquet(builtin_dataset_path(spec)).to_dict("records")
     path = Path(spec).expanduser()
     if path.suffix in (".jsonl", ".json", ".parquet") or path.exists():
         if not path.is_file():
@@ -147,7 +165,8 @@ def _read_rows(spec: str) -> list[dict[str, Any]]:
     except Exception as error:
         raise IPolicyError(
             f"Could not load dataset '{spec}': not a local file, and the Hub gave: {str(error).splitlines()[0]}. "
-            "Fix: pass a .jsonl/.parquet file, 'arithmetic', or a Hub dataset as NAME[:SPLIT]."
+            f"Fix: pass a .jsonl/.parquet file, 'arithmetic', a built-in dataset ({', '.join(BUILTIN_DATASETS)}), or a Hub "
+            "dataset as NAME[:SPLIT]."
         ) from error
     return list(dataset)
 
@@ -183,7 +202,7 @@ def encode(tokenizer, text: str) -> list[int]:
 
 
 def tokenize_sample(tokenizer, sample: Sample, context_length: int | None = None) -> TokenizedSample:
-    """SPEC §2: prompt and response tokenized separately, without special tokens, then concatenated."""
+    """docs/definitions.md §2: prompt and response tokenized separately, without special tokens, then concatenated."""
     if sample.response is None:
         raise ValueError(f"sample {sample.id} has no response to analyse")
     prompt_ids = encode(tokenizer, render_prompt(tokenizer, sample.prompt))

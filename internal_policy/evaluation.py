@@ -1,4 +1,4 @@
-"""Avg@K and unbiased pass@k (SPEC §6) of one or more models on one or more datasets."""
+"""Avg@K and unbiased pass@k (docs/definitions.md §6) of one or more models on one or more datasets."""
 
 from __future__ import annotations
 
@@ -13,22 +13,12 @@ import pandas as pd
 from .data import encode, load_samples, render_prompt
 from .errors import IPolicyError
 from .io import atomic_write, atomic_write_text
-from .loading import load_model, model_files, run_checkpoints
-from .results import ResultsFolder
-from .rewards import load_reward, score
-from .rollouts import SamplingConfig, check_rollouts, sample_responses, sample_responses_vllm, vllm_installed
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k = 1 - C(n-c, k) / C(n, k), as the stable product 1 - prod_{i=n-c+1}^{n} (1 - k/i)."""
-    if not 0 <= c <= n or not 1 <= k <= n:
-        raise ValueError(f"need 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
-    if n - c < k:
-        return 1.0
-    product = 1.0
-    for i in range(n - c + 1, n + 1):
-        product *= 1.0 - k / i
-    return 1.0 - product
+from .models import load_model, model_files
+from .runs import run_checkpoints
+from .runs import ResultsFolder
+from .stats import pass_at_k
+from .rl.rewards import load_reward, score
+from .rl.generation import SamplingConfig, check_rollouts, sample_responses, sample_responses_vllm, vllm_installed
 
 
 @dataclass

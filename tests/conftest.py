@@ -12,8 +12,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny_models import save_tiny_model  # noqa: E402
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-
 ROWS = [
     {"prompt": "What is 12 + 7?", "response": "The answer is \\boxed{19}."},
     {"prompt": [{"role": "system", "content": "Please reason step by step"}, {"role": "user", "content": "What is 3 * 4?"}],

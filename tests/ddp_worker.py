@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from internal_policy.trainer import TrainConfig, Trainer
+from internal_policy.rl.trainer import TrainConfig, Trainer
 
 out, model, data, reward, variant = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]
 options = dict(prompts_per_step=4, mini_batch_prompts=2, ppo_epochs=2)

@@ -1,4 +1,4 @@
-"""An independent, plain implementation of SPEC §1–2, for checking the engine (and as the benchmark baseline).
+"""An independent, plain implementation of docs/definitions.md §1–2, for checking the engine (and as the benchmark baseline).
 
 It uses nothing of the engine: PyTorch forward hooks on the Hugging Face modules, the full softmax of every state,
 and the textbook entropy -sum p log p. Every state is unembedded where it is used (nothing shared), as the

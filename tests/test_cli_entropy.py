@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import internal_policy.analysis as analysis
+import internal_policy.entropy_run as analysis
 from cli_helpers import run_cli
-from internal_policy.loading import load_model
+from internal_policy.models import load_model
 from tiny_models import save_tiny_model
 
 

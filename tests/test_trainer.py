@@ -9,11 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import internal_policy.trainer as trainer_module
+import internal_policy.rl.trainer as trainer_module
 from cli_helpers import run_cli
-from internal_policy.evaluation import pass_at_k
-from internal_policy.losses import clipped_policy_loss, group_advantages
-from internal_policy.rewards import MathReward, last_boxed
+from internal_policy.stats import pass_at_k
+from internal_policy.rl.losses import clipped_policy_loss, group_advantages
+from internal_policy.rl.rewards import MathReward, last_boxed
 
 REWARD = '''
 def fn(prompt, response, ground_truth):
@@ -332,7 +332,7 @@ def test_two_processes_under_accelerate_launch_stay_in_sync(variant, tiny_llama,
 def test_ddp_looks_for_unused_parameters_only_with_an_internal_phase(tiny_llama, train_files, tmp_path):
     """BuPO's internal phase leaves the layers above K unused, which DDP must be told of; GRPO is spared the extra
     graph traversal per backward (and its warning)."""
-    from internal_policy.trainer import TrainConfig, Trainer
+    from internal_policy.rl.trainer import TrainConfig, Trainer
 
     common = dict(model=str(tiny_llama), data=str(train_files / "rows.jsonl"), reward=f"{train_files / 'rewards.py'}:fn",
                   steps=2, max_new_tokens=4, device="cpu")
@@ -355,7 +355,7 @@ def fresh_accelerator_state():
 def test_autocast_training_keeps_float32_master_weights(tiny_llama, train_files, tmp_path, fresh_accelerator_state):
     """bf16 autocast (a GPU's default; forced here on the CPU): forwards and rollouts run in bf16, the weights and
     the optimizer stay float32, so small updates are not rounded away."""
-    from internal_policy.trainer import TrainConfig, Trainer
+    from internal_policy.rl.trainer import TrainConfig, Trainer
 
     config = TrainConfig(model=str(tiny_llama), data=str(train_files / "rows.jsonl"), reward=f"{train_files / 'rewards.py'}:fn",
                          steps=1, prompts_per_step=2, group_size=4, max_new_tokens=8, lr=1e-5, save_every=1,
@@ -381,8 +381,8 @@ def test_vllm_rollouts_glue(tiny_llama, train_files, tmp_path, monkeypatch):
     import sys
     import types
 
-    import internal_policy.trainer as trainer
-    from internal_policy.trainer import TrainConfig, Trainer
+    import internal_policy.rl.trainer as trainer
+    from internal_policy.rl.trainer import TrainConfig, Trainer
 
     events = []
 
@@ -415,8 +415,8 @@ def test_vllm_rollouts_glue(tiny_llama, train_files, tmp_path, monkeypatch):
     assert events[1][1:] == (8, 4) and events[0][1] != events[2][1]  # 2 prompts x G; step 2 sees updated weights
     assert all(m["response_len_mean"] == 3 for m in metrics)
     # the logged entropy is the full policy's on the sampled tokens, before the step's update
-    from internal_policy.policy import PolicyHead
-    from internal_policy.prefix import response_states
+    from internal_policy.lens.policy import PolicyHead
+    from internal_policy.lens.states import response_states
     from safetensors.torch import load_file
 
     model = run.model
@@ -436,7 +436,7 @@ def test_vllm_rollouts_with_a_real_engine(train_files, tmp_path):
     import sys
     from pathlib import Path
 
-    from internal_policy.loading import DEFAULT_MODEL
+    from internal_policy.models import DEFAULT_MODEL
 
     worker = Path(__file__).with_name("vllm_worker.py")
     done = subprocess.run([sys.executable, str(worker), DEFAULT_MODEL, str(tmp_path / "run"), f"{train_files / 'rewards.py'}:fn"],

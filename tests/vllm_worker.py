@@ -22,9 +22,9 @@ def main():
     from safetensors.torch import load_file
     from vllm.platforms import current_platform
 
-    import internal_policy.trainer as trainer_module
-    from internal_policy.policy import PolicyHead
-    from internal_policy.prefix import response_states
+    import internal_policy.rl.trainer as trainer_module
+    from internal_policy.lens.policy import PolicyHead
+    from internal_policy.lens.states import response_states
 
     model, out, reward = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
     if current_platform.is_cpu():

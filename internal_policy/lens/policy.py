@@ -1,4 +1,4 @@
-"""From a residual state to a samplable policy: pi(x) = softmax(U(x) / temperature) (SPEC §1).
+"""From a residual state to a samplable policy: pi(x) = softmax(U(x) / temperature) (docs/definitions.md §1).
 
 ``PolicyHead`` is the one place in the project that turns a state into a policy. The entropy engine calls
 ``entropy``; the trainer calls ``log_probs`` (BuPO's internal policy) — both go through the same unembedding.

@@ -265,21 +265,3 @@ def load_model(
         bridge=bridge,
         dtype=torch_dtype,
     )
-
-
-def run_checkpoints(spec: str) -> list[tuple[str, int, str]]:
-    """(label, step, model) for a model spec, or for a training run folder its base model (step 0, from run.json) and
-    every ``checkpoints/step-N`` in step order."""
-    path = Path(spec)
-    if not (path / "checkpoints").is_dir():
-        is_checkpoint = path.name.startswith("step-") and path.name[5:].isdigit()
-        step = int(path.name[5:]) if is_checkpoint else 0
-        if is_checkpoint and path.parent.name == "checkpoints":  # RUN/checkpoints/step-N -> "RUN-step-N"
-            return [(f"{path.parent.parent.name}-{path.name}", step, spec)]
-        return [(path.name if path.exists() else spec, step, spec)]
-    checkpoints = sorted(path.glob("checkpoints/step-*"), key=lambda p: int(p.name.split("-")[1]))
-    if not checkpoints:
-        raise IPolicyError(f"Run folder '{spec}' has no checkpoints/step-N. Fix: train with --save-every, or pass --model.")
-    run = json.loads((path / "run.json").read_text()) if (path / "run.json").is_file() else {}
-    base = [(f"{path.name}-step-0", 0, run["base_model"])] if run.get("base_model") else []
-    return base + [(f"{path.name}-{c.name}", int(c.name.split("-")[1]), str(c)) for c in checkpoints]

@@ -1,4 +1,4 @@
-"""GRPO's objective (SPEC §4), shared by GRPO and BuPO: they differ only in which policy gives the log-probs."""
+"""GRPO's objective (docs/definitions.md §4), shared by GRPO and BuPO: they differ only in which policy gives the log-probs."""
 
 from __future__ import annotations
 

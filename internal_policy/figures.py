@@ -173,7 +173,7 @@ def figures_from_results(results: list[Path], out: Path, formats: tuple[str, ...
     import json
 
     from .errors import IPolicyError
-    from .results import boundary_layer
+    from .stats import boundary_layer
 
     written: list[Path] = []
     runs: dict[str, pd.DataFrame] = {}

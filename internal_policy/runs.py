@@ -21,56 +21,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .entropy import MODULES
 from .errors import IPolicyError
 from .io import atomic_write, atomic_write_json
-
-SUMMARY_COLUMNS = ["layer", "module", "entropy_in_mean", "entropy_out_mean", "delta_mean", "n_tokens"]
-BOUNDARY_TOLERANCE = 0.05  # nats: |mean dH_ffn| below this counts as "about zero"
-
-
-def summarize(tokens: pd.DataFrame, by: tuple[str, ...] = ()) -> pd.DataFrame:
-    """Token-weighted statistics per (``by``..., layer, module). The first columns are SUMMARY_COLUMNS."""
-    keys = [*by, "layer", "module"]
-    grouped = tokens.groupby(keys, sort=False)
-    summary = grouped.agg(
-        entropy_in_mean=("entropy_in", "mean"),
-        entropy_out_mean=("entropy_out", "mean"),
-        delta_mean=("delta", "mean"),
-        n_tokens=("delta", "size"),
-        entropy_in_std=("entropy_in", "std"),
-        entropy_out_std=("entropy_out", "std"),
-        delta_std=("delta", "std"),
-        delta_q05=("delta", lambda d: d.quantile(0.05)),
-        delta_q25=("delta", lambda d: d.quantile(0.25)),
-        delta_median=("delta", "median"),
-        delta_q75=("delta", lambda d: d.quantile(0.75)),
-        delta_q95=("delta", lambda d: d.quantile(0.95)),
-        cos_resid_mean=("cos_resid", "mean"),
-    ).reset_index()
-    summary["module"] = pd.Categorical(summary["module"], categories=MODULES, ordered=True)
-    summary = summary.sort_values(keys).reset_index(drop=True)
-    summary["module"] = summary["module"].astype(str)
-    front = [*SUMMARY_COLUMNS[:2], *by] if by else SUMMARY_COLUMNS[:2]
-    rest = [c for c in summary.columns if c not in front]
-    return summary[front + rest]
-
-
-def boundary_layer(summary: pd.DataFrame, tolerance: float = BOUNDARY_TOLERANCE) -> int | None:
-    """SPEC §1: the last layer l with mean dH_ffn(l) > 0 before the FFN entropy change turns to about 0 or negative.
-
-    Walking up from layer 1, find the first layer whose mean FFN change exceeds ``tolerance`` (exploration), then
-    return the last layer of that run of positive changes. None when no FFN layer explores.
-    """
-    ffn = summary[summary["module"] == "ffn"].sort_values("layer")
-    boundary = None
-    for layer, delta in zip(ffn["layer"], ffn["delta_mean"]):
-        if delta > tolerance:
-            boundary = int(layer)
-        elif boundary is not None:
-            break
-    return boundary
-
 
 ENTROPY_OUTPUTS = ("samples.jsonl", "tokens.parquet", "summary.csv", "manifest.json")
 
@@ -154,3 +106,20 @@ class ResultsFolder:
         atomic_write_json(self.manifest, {**manifest, "fingerprint": self.fingerprint})
         shutil.rmtree(self.partial, ignore_errors=True)
 
+
+def run_checkpoints(spec: str) -> list[tuple[str, int, str]]:
+    """(label, step, model) for a model spec, or for a training run folder its base model (step 0, from run.json) and
+    every ``checkpoints/step-N`` in step order."""
+    path = Path(spec)
+    if not (path / "checkpoints").is_dir():
+        is_checkpoint = path.name.startswith("step-") and path.name[5:].isdigit()
+        step = int(path.name[5:]) if is_checkpoint else 0
+        if is_checkpoint and path.parent.name == "checkpoints":  # RUN/checkpoints/step-N -> "RUN-step-N"
+            return [(f"{path.parent.parent.name}-{path.name}", step, spec)]
+        return [(path.name if path.exists() else spec, step, spec)]
+    checkpoints = sorted(path.glob("checkpoints/step-*"), key=lambda p: int(p.name.split("-")[1]))
+    if not checkpoints:
+        raise IPolicyError(f"Run folder '{spec}' has no checkpoints/step-N. Fix: train with --save-every, or pass --model.")
+    run = json.loads((path / "run.json").read_text()) if (path / "run.json").is_file() else {}
+    base = [(f"{path.name}-step-0", 0, run["base_model"])] if run.get("base_model") else []
+    return base + [(f"{path.name}-{c.name}", int(c.name.split("-")[1]), str(c)) for c in checkpoints]

@@ -1,4 +1,4 @@
-"""Feature refinement (SPEC §3, paper Fig. 5): how the trained layer k relates to every higher layer j.
+"""Feature refinement (docs/definitions.md §3, paper Fig. 5): how the trained layer k relates to every higher layer j.
 
 Per analysed token: cos(h_k, h_j) of the raw residual states, and KL(pi(h_k) || pi(h_j)) of their policies (in nats,
 through ``PolicyHead``; as everywhere in the project, layer L's policy is the model's real policy pi(LNf(h_L))).
@@ -10,9 +10,9 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from .data import TokenizedSample
-from .entropy import EntropyEngine
-from .errors import IPolicyError
+from ..data import TokenizedSample
+from .engine import EntropyEngine
+from ..errors import IPolicyError
 
 
 @torch.inference_mode()

@@ -1,4 +1,4 @@
-"""A small GRPO / BuPO trainer (SPEC §4–5) on one machine, or several through ``accelerate launch``.
+"""A small GRPO / BuPO trainer (docs/definitions.md §4–5) on one machine, or several through ``accelerate launch``.
 
 One step: take ``prompts_per_step`` prompts (a seeded order over epochs), sample ``group_size`` responses each from
 the full model, score them, compute group-normalised advantages, then ``ppo_epochs`` passes of clipped-surrogate
@@ -23,15 +23,15 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .data import BUILTIN_ARITHMETIC, Sample, TokenizedSample, encode, load_samples, render_prompt
-from .errors import IPolicyError
-from .io import atomic_write_text
-from .loading import DEFAULT_MODEL, LoadedModel, load_model
+from ..data import BUILTIN_ARITHMETIC, Sample, TokenizedSample, encode, load_samples, render_prompt
+from ..errors import IPolicyError
+from ..io import atomic_write_text
+from ..models import DEFAULT_MODEL, LoadedModel, load_model
 from .losses import clipped_policy_loss, group_advantages
-from .policy import PolicyHead
-from .prefix import ResponseForward
+from ..lens.policy import PolicyHead
+from ..lens.states import ResponseForward
 from .rewards import load_reward, score
-from .rollouts import VLLM_FOR_TRAINING, SamplingConfig, VllmRollouts, check_rollouts, sample_with_entropy, vllm_available
+from .generation import VLLM_FOR_TRAINING, SamplingConfig, VllmRollouts, check_rollouts, sample_with_entropy, vllm_available
 
 STATE_FILE = "trainer_state.pt"
 
@@ -239,8 +239,8 @@ class Trainer:
         return groups
 
     def _boundary_layer_of_first_rollouts(self) -> int:
-        from .entropy import EngineConfig, EntropyEngine
-        from .results import boundary_layer, summarize
+        from ..lens.engine import EngineConfig, EntropyEngine
+        from ..stats import boundary_layer, summarize
 
         groups = self.rollouts(1, self.prompts_for_step(1))
         tokenized = [TokenizedSample(g.sample, g.prompt_ids, r) for g in groups for r in g.responses if r]

@@ -1,4 +1,4 @@
-"""The entropy engine: layer-wise and module-wise internal policy entropy (SPEC §1–2), streamed.
+"""The entropy engine: layer-wise and module-wise internal policy entropy (docs/definitions.md §1–2), streamed.
 
 States are read through TransformerBridge hooks while the forward pass runs. Each hook keeps only the analysed
 positions, queues them, and whenever ``token_chunk`` rows are queued they are unembedded and reduced to entropies
@@ -11,7 +11,7 @@ Per layer l (1-based) and module, entropy_in / entropy_out / delta are:
     attn:  H(LN1_l(h_{l-1})) -> H(a_l)
     ffn:   H(LN2_l(m_l))     -> H(f_l)
 
-``cos_resid`` is cos(a_l, h_{l-1}) for attn and cos(f_l, m_l) for ffn (SPEC §3); NaN for layer rows.
+``cos_resid`` is cos(a_l, h_{l-1}) for attn and cos(f_l, m_l) for ffn (docs/definitions.md §3); NaN for layer rows.
 """
 
 from __future__ import annotations
@@ -29,12 +29,12 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
 
-from .data import TokenizedSample
-from .errors import IPolicyError
-from .loading import LoadedModel
+from ..data import TokenizedSample
+from ..errors import IPolicyError
+from ..models import LoadedModel
 from .policy import NormMode, PolicyHead
 
-MODULES = ("layer", "attn", "ffn")
+from ..stats import MODULES
 
 
 @dataclass

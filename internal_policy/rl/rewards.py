@@ -1,4 +1,4 @@
-"""Rewards: the math verifier (SPEC §6) and user functions ``fn(prompt, response, ground_truth) -> float``.
+"""Rewards: the math verifier (docs/definitions.md §6) and user functions ``fn(prompt, response, ground_truth) -> float``.
 
 ``--reward math`` takes the last ``\\boxed{...}`` of the response (balanced braces) and checks it against the ground
 truth with math-verify under an outer timeout. A verifier failure (error or timeout) scores 0 but is counted and
@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import IPolicyError
+from ..errors import IPolicyError
 
 log = logging.getLogger("ipolicy.rewards")
 RewardFn = Callable[[str, str, str], float]

@@ -18,11 +18,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from .data import Sample, encode, render_prompt
-from .errors import IPolicyError
-from .loading import LoadedModel
-from .policy import entropy_from_logits
-from .prefix import cache_keyword, pad_rows, prefilled_cache
+from ..data import Sample, encode, render_prompt
+from ..errors import IPolicyError
+from ..models import LoadedModel
+from ..lens.policy import entropy_from_logits
+from ..lens.states import cache_keyword, pad_rows, prefilled_cache
 
 
 @dataclass

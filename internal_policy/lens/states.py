@@ -13,7 +13,7 @@ import inspect
 import torch
 from torch import Tensor, nn
 
-from .errors import IPolicyError
+from ..errors import IPolicyError
 
 
 class _StopForward(Exception):

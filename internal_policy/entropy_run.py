@@ -13,16 +13,18 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
-from . import plots
+from . import figures
 from .data import BUILTIN_ARITHMETIC, encode, load_samples, read_jsonl_samples, render_prompt, tokenize_sample, write_jsonl
-from .entropy import EngineConfig, EntropyEngine
+from .lens.engine import EngineConfig, EntropyEngine
 from .errors import IPolicyError
-from .loading import DEFAULT_MODEL, LoadedModel, load_model, model_files, run_checkpoints
-from .policy import NORM_MODES
+from .models import DEFAULT_MODEL, LoadedModel, load_model, model_files
+from .runs import run_checkpoints
+from .lens.policy import NORM_MODES
 from .io import atomic_write, atomic_write_json
-from .refinement import feature_refinement
-from .results import BOUNDARY_TOLERANCE, ResultsFolder, boundary_layer, summarize
-from .rollouts import SamplingConfig, check_rollouts, complete_samples, sample_responses, sample_responses_vllm, vllm_installed
+from .lens.refinement import feature_refinement
+from .runs import ResultsFolder
+from .stats import BOUNDARY_TOLERANCE, boundary_layer, summarize
+from .rl.generation import SamplingConfig, check_rollouts, complete_samples, sample_responses, sample_responses_vllm, vllm_installed
 
 
 @dataclass
@@ -165,9 +167,9 @@ def run_entropy(config: EntropyRunConfig, out: Path, overwrite: bool = False, pr
     summary.insert(6, "norm_mode", config.norm_mode)
     boundary = boundary_layer(summary, config.boundary_tolerance)
     label = Path(config.model).name if config.model.endswith(".gguf") else config.model
-    plots.save_figure(plots.entropy_flow(summary, f"{label}: internal policy entropy", config.norm_mode),
+    figures.save_figure(figures.entropy_flow(summary, f"{label}: internal policy entropy", config.norm_mode),
                       folder.out / "entropy_flow")
-    plots.save_figure(plots.entropy_change(summary, boundary, f"{label}: module entropy change", config.norm_mode),
+    figures.save_figure(figures.entropy_change(summary, boundary, f"{label}: module entropy change", config.norm_mode),
                       folder.out / "entropy_change")
     timings["total_s"] = time.perf_counter() - started
     n_tokens = int(summary["n_tokens"].iloc[0])
@@ -231,7 +233,7 @@ def run_entropy_checkpoints(models: list[str], config: EntropyRunConfig, out: Pa
     if refinements:
         refinement = pd.concat(refinements, ignore_index=True)
         atomic_write(out / "refinement.csv", lambda tmp: refinement.to_csv(tmp, index=False))
-    plots.save_figure(plots.entropy_dynamics(summary), out / "entropy_dynamics")
+    figures.save_figure(figures.entropy_dynamics(summary), out / "entropy_dynamics")
     manifest = {"models": [dict(label=l, step=s, model=m) for l, s, m in targets], "norm_mode": config.norm_mode,
                 "data": config.data, "checkpoints": [r.manifest for r in results]}
     atomic_write_json(out / "manifest.json", manifest)
