@@ -1,1 +1,1 @@
-"""The ``ipolicy`` command line (Typer), a thin layer over ``internal_policy``."""
+"""The ``ipolicy`` command line: a thin layer over ``internal_policy``'s public API (see ``cli.main``)."""

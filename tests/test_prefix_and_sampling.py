@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from internal_policy.models import load_model
-from internal_policy.lens.states import response_states
+from internal_policy.lens.states import LNF, response_states
 from internal_policy.rl.generation import SamplingConfig, sample_responses, sample_with_entropy
 from tiny_models import tiny_model
 
@@ -43,7 +43,7 @@ def test_shared_prompt_states_and_gradients_equal_separate_forwards(arch):
     weight = torch.randn(model.config.hidden_size, dtype=torch.float64)
     for layer, stop_after in [(None, None), (2, None), (2, 2)]:
         def shared():
-            return response_states(model, ROWS, {layer} if layer else set(), stop_after=stop_after)[layer or "final"]
+            return response_states(model, ROWS, {layer} if layer else set(), stop_after=stop_after)[layer or LNF]
 
         def plain():
             return plain_states(model, ROWS, layer)
@@ -137,6 +137,6 @@ def test_one_token_and_empty_responses():
     model = model.double()
     rows = [(PROMPTS[0], [60]), (PROMPTS[1], []), (PROMPTS[1], [61])]
     with torch.no_grad():
-        shared = response_states(model, rows, set())["final"]
+        shared = response_states(model, rows, set())[LNF]
         torch.testing.assert_close(shared, plain_states(model, rows, None), rtol=0, atol=1e-10)
     assert shared.shape[0] == 2

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import internal_policy.rl.trainer as trainer_module
+import internal_policy.rl.update as update_module
 from cli_helpers import run_cli
 from internal_policy.stats import pass_at_k
 from internal_policy.rl.losses import clipped_policy_loss, group_advantages
@@ -155,7 +156,7 @@ def test_diverged_update_stops_the_run_before_it_lands(tiny_llama, train_files, 
         terms.loss = terms.loss * float("nan")
         return terms
 
-    monkeypatch.setattr(trainer_module, "clipped_policy_loss", diverging)
+    monkeypatch.setattr(update_module, "clipped_policy_loss", diverging)
     out = tmp_path / "diverged"
     result = run_cli(*bupo_args(tiny_llama, train_files, out))
     assert result.exit_code == 2 and "Step 1: the gradient is not finite" in result.output
@@ -416,14 +417,14 @@ def test_vllm_rollouts_glue(tiny_llama, train_files, tmp_path, monkeypatch):
     assert all(m["response_len_mean"] == 3 for m in metrics)
     # the logged entropy is the full policy's on the sampled tokens, before the step's update
     from internal_policy.lens.policy import PolicyHead
-    from internal_policy.lens.states import response_states
+    from internal_policy.lens.states import LNF, response_states
     from safetensors.torch import load_file
 
     model = run.model
     model.load_state_dict(load_file(tmp_path / "checkpoints" / "step-1" / "model.safetensors"), strict=False)
     rows = [(run.prompt_ids[i], [17 + (4 * j + k) % 3, 40, 41]) for j, i in enumerate(run.prompts_for_step(2)) for k in range(4)]
     with torch.no_grad():
-        expected = PolicyHead(run.loaded.unembed).entropy(response_states(model, rows, set())["final"]).mean()
+        expected = PolicyHead(run.loaded.unembed).entropy(response_states(model, rows, set())[LNF]).mean()
     assert abs(metrics[1]["entropy"] - float(expected)) < 1e-4
 
 

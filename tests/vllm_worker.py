@@ -24,7 +24,7 @@ def main():
 
     import internal_policy.rl.trainer as trainer_module
     from internal_policy.lens.policy import PolicyHead
-    from internal_policy.lens.states import response_states
+    from internal_policy.lens.states import LNF, response_states
 
     model, out, reward = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
     if current_platform.is_cpu():
@@ -64,7 +64,7 @@ def main():
     prompts, completions, logprobs = calls[-1]
     rows = [(list(p), list(c)) for p, c in zip(prompts, completions)]
     with torch.no_grad():
-        states = response_states(policy, rows, set())["final"]
+        states = response_states(policy, rows, set())[LNF]
         targets = torch.tensor([t for _, c in rows for t in c], device=states.device)
         ours = PolicyHead(trainer.loaded.unembed, temperature=config.temperature).log_probs(states, targets).cpu()
     theirs = torch.tensor([lp[0] for row in logprobs for lp in row], dtype=torch.float32)

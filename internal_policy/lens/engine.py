@@ -16,10 +16,8 @@ Per layer l (1-based) and module, entropy_in / entropy_out / delta are:
 
 from __future__ import annotations
 
-import types
 from collections import defaultdict
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,12 +25,12 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
 
 from ..data import TokenizedSample
 from ..errors import IPolicyError
 from ..models import LoadedModel
 from .policy import NormMode, PolicyHead
+from .states import BridgeStates, policy_state_key
 
 from ..stats import MODULES
 
@@ -94,42 +92,15 @@ class _StateQueue:
         return {key: torch.cat(pieces) for key, pieces in self.pieces.items()}
 
 
-@contextmanager
-def fused_attention(bridge) -> Iterator[None]:
-    """Run each attention bridge in its delegating mode (hook_in -> the HF module -> hook_out) for one forward.
-
-    TransformerBridge's rotary attention re-implements softmax(QK^T) to expose hook_pattern, which costs
-    [heads x T x T] floats per layer (0.8 GB at T = 3000 on SmolLM2). The engine reads no pattern, so it lets the
-    Hugging Face module run its fused kernel (sdpa); hook_attn_out still sees the same a_l.
-    """
-    patched = []
-    for block in bridge.blocks:
-        attn = getattr(block, "attn", None)
-        if isinstance(attn, AttentionBridge) and type(attn).forward is not AttentionBridge.forward:
-            # object.__setattr__: bridge components forward unknown attribute writes to the wrapped HF module
-            object.__setattr__(attn, "forward", types.MethodType(AttentionBridge.forward, attn))
-            patched.append(attn)
-    try:
-        yield
-    finally:
-        for attn in patched:
-            object.__delattr__(attn, "forward")
-
-
 class EntropyEngine:
     """Computes the per-token entropy table of tokenized samples for one loaded model."""
 
     def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None):
         self.loaded = loaded
         self.config = config or EngineConfig()
-        self.head = PolicyHead(
-            loaded.unembed,
-            loaded.final_norm,
-            norm_mode=self.config.norm_mode,
-            temperature=self.config.temperature,
-            fast=self.config.fast,
-            token_chunk=self.config.token_chunk,
-        )
+        self.head = loaded.policy_head(norm_mode=self.config.norm_mode, temperature=self.config.temperature,
+                                       fast=self.config.fast, token_chunk=self.config.token_chunk)
+        self.states = BridgeStates(loaded.bridge)
 
     def batches(self, samples: list[TokenizedSample]) -> Iterator[list[int]]:
         """Indices of samples grouped by length so that each padded batch holds about ``batch_tokens`` tokens."""
@@ -154,9 +125,8 @@ class EntropyEngine:
         return input_ids.to(self.loaded.device), flat_index.to(self.loaded.device)
 
     def forward(self, input_ids: Tensor, hooks: list) -> None:
-        """One bridge forward with ``hooks``; the final [T x vocab] logits are never materialised (logits_to_keep=1)."""
-        with self.loaded.bridge.hooks(fwd_hooks=hooks), fused_attention(self.loaded.bridge):
-            self.loaded.bridge(input_ids, return_type=None, logits_to_keep=1, use_cache=False)
+        """One bridge forward with ``hooks`` (see ``BridgeStates.forward``)."""
+        self.states.forward(input_ids, hooks)
 
     @torch.inference_mode()
     def analyse(self, samples: list[TokenizedSample], sample_index: list[int] | None = None) -> pd.DataFrame:
@@ -193,23 +163,24 @@ class EntropyEngine:
 
             return hook_fn
 
-        hooks = [("blocks.0.hook_resid_pre", record(("resid", 0)))]
+        module_out = {"attn": "hook_attn_out", "ffn": "hook_mlp_out"}
+        if self.loaded.block_layout == "post-norm":  # a_l and f_l are what the block adds: after the module's post-norm
+            module_out = {"attn": "ln1_post.hook_out", "ffn": "ln2_post.hook_out"}
+        hook = BridgeStates.hook_name
+        hooks = [(hook(0), record(("resid", 0)))]
         for i in range(n_layers):
             layer = i + 1
             hooks += [
                 (f"blocks.{i}.hook_resid_pre", hold("resid_pre")),
                 (f"blocks.{i}.ln1.hook_out", record(("ln1", layer))),
-                (f"blocks.{i}.hook_attn_out", record_with_cosine(("attn", layer), "resid_pre")),
+                (f"blocks.{i}.{module_out['attn']}", record_with_cosine(("attn", layer), "resid_pre")),
                 (f"blocks.{i}.hook_resid_mid", hold("resid_mid")),
                 (f"blocks.{i}.ln2.hook_out", record(("ln2", layer))),
-                (f"blocks.{i}.hook_mlp_out", record_with_cosine(("ffn", layer), "resid_mid")),
+                (f"blocks.{i}.{module_out['ffn']}", record_with_cosine(("ffn", layer), "resid_mid")),
             ]
             if layer < n_layers:
-                hooks.append((f"blocks.{i}.hook_resid_post", record(("resid", layer))))
-        # The last layer's output is the model's real policy pi(LNf(h_L)): in "none" mode read the model's own
-        # LNf(h_L); in "final" mode the head applies LNf to h_L itself (never twice).
-        last = "ln_final.hook_out" if self.config.norm_mode == "none" else f"blocks.{n_layers - 1}.hook_resid_post"
-        hooks.append((last, record(("resid", n_layers))))
+                hooks.append((hook(layer), record(("resid", layer))))
+        hooks.append((hook(policy_state_key(n_layers, n_layers, self.config.norm_mode)), record(("resid", n_layers))))
 
         self.forward(input_ids, hooks)
         queue.flush()
@@ -221,7 +192,7 @@ class EntropyEngine:
             if not torch.isfinite(values).all():
                 raise IPolicyError(
                     f"NaN or inf entropy in state {key[0]} of layer {key[1]} of '{self.loaded.name}'. "
-                    "Fix: run in --dtype float32 (half precision can overflow), or check the checkpoint's weights."
+                    "Fix: run in `dtype` float32 (half precision can overflow), or check the checkpoint's weights."
                 )
         token_ids = np.concatenate([np.asarray(s.response_ids) for s in samples])
         n_tokens = len(token_ids)

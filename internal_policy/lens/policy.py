@@ -1,4 +1,5 @@
-"""From a residual state to a samplable policy: pi(x) = softmax(U(x) / temperature) (docs/definitions.md §1).
+"""From a residual state to a samplable policy: pi(x) = softmax(g(U x) / temperature) (docs/definitions.md §1), g
+being the model's own logit transform (identity; Gemma-2's soft-capping; a logit scale).
 
 ``PolicyHead`` is the one place in the project that turns a state into a policy. The entropy engine calls
 ``entropy``; the trainer calls ``log_probs`` (BuPO's internal policy) — both go through the same unembedding.
@@ -17,15 +18,16 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from ..config import NORM_MODES
+
 NormMode = Literal["none", "final"]
 _EXP_FLOOR = -87.0
-NORM_MODES = ("none", "final")
 
 
 def fold_block(z: Tensor, running_max: Tensor, bias: Tensor | None = None, scale: float = 1.0,
-               exp_out: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+               exp_out: Tensor | None = None, softcap: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """One vocabulary block of the streamed entropy. z [n, v] matmul output (any float dtype), logits = (z + bias)
-    * scale; running_max [n] float32. Returns the new max m [n] and, relative to it, S = sum_j e_j and
+    * scale, or softcap * tanh((z + bias) / softcap) * scale; running_max [n] float32. Returns the new max m [n] and, relative to it, S = sum_j e_j and
     T = sum_j e_j (l_j - m) with e_j = exp(max(l_j - m, -87)), all float32.
 
     Exact mode calls it eagerly on a float32 z, which it overwrites, with ``exp_out`` a reused float32 buffer of z's
@@ -35,6 +37,8 @@ def fold_block(z: Tensor, running_max: Tensor, bias: Tensor | None = None, scale
     z = z.float()
     if bias is not None:
         z += bias
+    if softcap is not None:
+        z.div_(softcap).tanh_().mul_(softcap)
     if scale != 1.0:
         z *= scale
     new_max = torch.maximum(running_max, z.amax(dim=-1))
@@ -59,7 +63,7 @@ def _fast_fold_block():
             compiled(probe, torch.full((2,), -torch.inf))
             _compiled_fold_block = compiled
         except Exception as error:  # noqa: BLE001 - any compiler failure means: run eagerly
-            warnings.warn(f"--fast runs without torch.compile ({type(error).__name__}: {error}); it stays correct but "
+            warnings.warn(f"Fast mode runs without torch.compile ({type(error).__name__}: {error}); it stays correct but "
                           "is slower. Install a C++ compiler (gcc) to compile it.", stacklevel=2)
             _compiled_fold_block = fold_block
     return _compiled_fold_block
@@ -83,6 +87,9 @@ class PolicyHead:
         final_norm: the model's final norm LNf, applied to every state when ``norm_mode == "final"``.
         norm_mode: ``"none"`` (the paper's: pi(x) = softmax(U x)) or ``"final"`` (logit lens: softmax(U LNf(x))).
         temperature: the policy is softmax(logits / temperature).
+        logit_softcap, logit_scale: the model's own logit transform g, applied to every state's logits before the
+            temperature: softcap * tanh(z / softcap) (Gemma-2's final_logit_softcapping) and a factor (Cohere's
+            logit_scale, 1 / Granite's logits_scaling).
         fast: compute the unembedding matmul in bfloat16 (entropy only; about 4x faster on CPUs with bf16 units).
         token_chunk, vocab_block: block sizes of the streamed entropy (rows of states, rows of U).
     """
@@ -91,6 +98,8 @@ class PolicyHead:
     final_norm: nn.Module | None = None
     norm_mode: NormMode = "none"
     temperature: float = 1.0
+    logit_softcap: float | None = None
+    logit_scale: float = 1.0
     fast: bool = False
     token_chunk: int = 512
     vocab_block: int = 4096
@@ -113,9 +122,19 @@ class PolicyHead:
             return self.final_norm(states)
         return states
 
+    @property
+    def transform_description(self) -> str:
+        """The logit transform g in words, for manifests: 'identity', 'softcap(30.0)', 'scale(0.0625)'."""
+        parts = [f"softcap({self.logit_softcap})"] if self.logit_softcap else []
+        parts += [f"scale({self.logit_scale})"] if self.logit_scale != 1.0 else []
+        return " then ".join(parts) or "identity"
+
     def logits(self, states: Tensor) -> Tensor:
-        """Policy logits U(x) / temperature, differentiable. states [..., d] -> [..., vocab]."""
-        return self.unembed(self.prepare(states)) / self.temperature
+        """Policy logits g(U x) / temperature, differentiable. states [..., d] -> [..., vocab]."""
+        z = self.unembed(self.prepare(states))
+        if self.logit_softcap:
+            z = self.logit_softcap * torch.tanh(z / self.logit_softcap)
+        return z * (self.logit_scale / self.temperature)
 
     def log_probs(self, states: Tensor, targets: Tensor) -> Tensor:
         """log pi(x)(target), differentiable. states [N, d], targets [N] (token ids) -> [N] float32."""
@@ -165,7 +184,7 @@ class PolicyHead:
         running_max = torch.full((n,), -torch.inf, device=x.device)
         sum_exp = torch.zeros(n, device=x.device)  # S = sum_j exp(z_j - running_max)
         sum_exp_z = torch.zeros(n, device=x.device)  # T = sum_j exp(z_j - running_max) * (z_j - running_max)
-        inv_temperature = 1.0 / self.temperature
+        scale = self.logit_scale / self.temperature
         fold = _fast_fold_block() if self.fast else fold_block  # fast: bf16 matmul, compiled float32 reductions
         for start in range(0, weight.shape[0], self.vocab_block):
             block = weight[start : start + self.vocab_block]
@@ -173,7 +192,7 @@ class PolicyHead:
             torch.matmul(x, block.T, out=z)
             block_bias = None if bias is None else bias[start : start + self.vocab_block]
             exp_out = None if self.fast else self._scratch("e", n, block.shape[0], torch.float32, x.device)
-            new_max, block_sum, block_sum_z = fold(z, running_max, block_bias, inv_temperature, exp_out)
+            new_max, block_sum, block_sum_z = fold(z, running_max, block_bias, scale, exp_out, self.logit_softcap)
             # Re-express the running sums relative to the new max: e_old' = e_old * c and z' = z - shift.
             shift = new_max - running_max  # >= 0; inf on the first block, where the sums are still zero
             c = torch.exp(-shift)

@@ -11,40 +11,33 @@ import torch
 import torch.nn.functional as F
 
 from ..data import TokenizedSample
-from .engine import EntropyEngine
 from ..errors import IPolicyError
+from .engine import EntropyEngine
+from .states import policy_state_key
 
 
 @torch.inference_mode()
 def feature_refinement(engine: EntropyEngine, samples: list[TokenizedSample], layer: int, chunk: int = 256) -> pd.DataFrame:
-    """Mean cos(h_k, h_j) and KL(pi(h_k) || pi(h_j)) for k = ``layer`` and j = k+1..L.
+    """Mean cos(h_k, h_j) and KL(pi(h_k) || pi(h_j)) for k = ``layer`` and j = k+1..L, in the engine's norm mode.
 
     Returns one row per j: layer_k, layer_j, cos_mean, kl_mean, n_tokens.
     """
     head, n_layers = engine.head, engine.loaded.n_layers
     if not 1 <= layer < n_layers:
-        raise IPolicyError(f"--refine-layer must be in 1..{n_layers - 1}, got {layer}. Fix: pick a layer below the last.")
+        raise IPolicyError(f"`refine_layer` must be in 1..{n_layers - 1}, got {layer}. Fix: pick a layer below the last.")
     sums = {j: [0.0, 0.0] for j in range(layer + 1, n_layers + 1)}
+    policy_key = {j: policy_state_key(j, n_layers, head.norm_mode) for j in [layer, *sums]}
     count = 0
     for batch in engine.batches(samples):
         ids, index = engine.inputs([samples[i] for i in batch])
-        states: dict = {}
-
-        def keep(l):
-            def hook(x, hook):
-                states[l] = x.reshape(-1, x.shape[-1]).index_select(0, index)
-
-            return hook
-
-        hooks = [(f"blocks.{l - 1}.hook_resid_post", keep(l)) for l in range(layer, n_layers + 1)]
-        engine.forward(ids, hooks + [("ln_final.hook_out", keep("final"))])
-        policy_state = {**states, n_layers: states["final"] if head.norm_mode == "none" else states[n_layers]}
+        found = engine.states.residual_states(ids, None, set(range(layer, n_layers + 1)) | set(policy_key.values()))
+        states = {key: x.reshape(-1, x.shape[-1]).index_select(0, index) for key, x in found.items()}
         for start in range(0, len(index), chunk):
             rows = slice(start, start + chunk)
-            logp_k = torch.log_softmax(head.logits(states[layer][rows]).float(), dim=-1)
+            logp_k = torch.log_softmax(head.logits(states[policy_key[layer]][rows]).float(), dim=-1)
             p_k = logp_k.exp()
             for j in sums:
-                logp_j = torch.log_softmax(head.logits(policy_state[j][rows]).float(), dim=-1)
+                logp_j = torch.log_softmax(head.logits(states[policy_key[j]][rows]).float(), dim=-1)
                 sums[j][0] += F.cosine_similarity(states[layer][rows].float(), states[j][rows].float(), dim=-1).sum().item()
                 sums[j][1] += (p_k * (logp_k - logp_j)).sum(-1).sum().item()
         count += len(index)

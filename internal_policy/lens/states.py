@@ -1,23 +1,134 @@
-"""Forward passes over (prompt, response) rows whose prompts repeat: each distinct prompt goes through the model once.
+"""Residual states: the one place that reads h_l out of a model, by two routes behind one interface.
 
-GRPO samples G responses per prompt. Instead of running the prompt G times, the prompt's forward fills a key/value
-cache that is then indexed out to every response of its group (``index_select``, which is differentiable: in the
-training forward the gradients of the G responses add up in the one prompt forward, exactly as in G separate
-forwards). This removes (G - 1) / G of the prompt compute from the rollouts and from the training forward.
+* ``BridgeStates`` reads them through TransformerLens TransformerBridge hooks (``blocks.{l-1}.hook_resid_post``,
+  ``ln_final.hook_out``): the entropy engine and refinement use these hook names, and the engine adds the module
+  hooks of docs/definitions.md §1 to the same forward.
+* ``DecoderStates`` reads them with plain forward hooks on the Hugging Face decoder blocks, stops the forward right
+  after the highest block it needs (BuPO's training forward at layer K), takes a key/value cache, and stays
+  differentiable: the trainer uses it.
+
+Both return ``{l: h_l}`` ([B, T, d], l = 1..L) and ``{LNF: LNf(h_L)}``, and the tests check that they agree on every
+supported architecture. ``policy_state_key`` is the one place that knows that the last layer's policy is the model's
+real policy pi(LNf(h_L)).
+
+The trainer's forward also shares prompts: GRPO samples G responses per prompt, so each distinct prompt runs once,
+fills a key/value cache, and the cache is indexed out to every response of its group (``index_select`` is
+differentiable: the gradients of the G responses add up in the one prompt forward, exactly as in G separate
+forwards). This removes (G - 1) / G of the prompt compute from the training forward.
 """
 
 from __future__ import annotations
 
 import inspect
+import types
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import IPolicyError
 
+LNF = "lnf"  # the key of LNf(h_L): the final norm of the last block's output, what the model's own unembedding reads
+
+
+def policy_state_key(layer: int, n_layers: int, norm_mode: str = "none") -> int | str:
+    """Which state layer ``layer``'s internal layer policy reads: h_l (key ``layer``), except that the last layer's
+    policy is the model's real policy pi(LNf(h_L)) (key ``LNF``). In norm mode "final" the policy head applies LNf to
+    every state itself, so there the last layer reads h_L (LNf is never applied twice)."""
+    return LNF if layer == n_layers and norm_mode == "none" else layer
+
+
+class StateReader(Protocol):
+    """Reads residual states in one forward pass."""
+
+    def residual_states(self, input_ids: Tensor, attention_mask: Tensor | None, layers: set[int],
+                        stop_after: int | None = None) -> dict:
+        """{l: h_l [B, T, d]} for l in ``layers`` (1-based; 0 = the embeddings h_0 as block 1 reads them), plus
+        {LNF: LNf(h_L)} unless the forward stops right after block ``stop_after``."""
+        ...
+
 
 class _StopForward(Exception):
     pass
+
+
+@contextmanager
+def fused_attention(bridge) -> Iterator[None]:
+    """Run each attention bridge in its delegating mode (hook_in -> the HF module -> hook_out) for one forward.
+
+    TransformerBridge's rotary attention re-implements softmax(QK^T) to expose hook_pattern, which costs
+    [heads x T x T] floats per layer (0.8 GB at T = 3000 on SmolLM2). The engine reads no pattern, so it lets the
+    Hugging Face module run its fused kernel (sdpa); hook_attn_out still sees the same a_l.
+    """
+    from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
+
+    patched = []
+    for block in bridge.blocks:
+        attn = getattr(block, "attn", None)
+        if isinstance(attn, AttentionBridge) and type(attn).forward is not AttentionBridge.forward:
+            # object.__setattr__: bridge components forward unknown attribute writes to the wrapped HF module
+            object.__setattr__(attn, "forward", types.MethodType(AttentionBridge.forward, attn))
+            patched.append(attn)
+    try:
+        yield
+    finally:
+        for attn in patched:
+            object.__delattr__(attn, "forward")
+
+
+class BridgeStates:
+    """Residual states through TransformerBridge hooks (the route of the entropy engine)."""
+
+    def __init__(self, bridge):
+        self.bridge = bridge
+
+    def forward(self, input_ids: Tensor, hooks: list, attention_mask: Tensor | None = None) -> None:
+        """One bridge forward with ``hooks`` [(hook name, fn(states, hook))], attention in the model's fused kernel;
+        the final [T x vocab] logits are never materialised (logits_to_keep=1)."""
+        with self.bridge.hooks(fwd_hooks=hooks), fused_attention(self.bridge):
+            self.bridge(input_ids, attention_mask=attention_mask, return_type=None, logits_to_keep=1, use_cache=False)
+
+    @staticmethod
+    def hook_name(key: int | str) -> str:
+        """The bridge hook that sees state ``key``: h_0 -> blocks.0.hook_resid_pre, h_l -> blocks.{l-1}.hook_resid_post,
+        LNF -> ln_final.hook_out."""
+        if key == LNF:
+            return "ln_final.hook_out"
+        return "blocks.0.hook_resid_pre" if key == 0 else f"blocks.{key - 1}.hook_resid_post"
+
+    def residual_states(self, input_ids: Tensor, attention_mask: Tensor | None, layers: set[int],
+                        stop_after: int | None = None) -> dict:
+        captured: dict = {}
+
+        def keep(key):
+            def hook(states, hook):
+                captured[key] = states
+                if key == stop_after:
+                    raise _StopForward
+
+            return hook
+
+        keys = set(layers) | ({stop_after} if stop_after else set()) | ({LNF} if stop_after is None else set())
+        try:
+            self.forward(input_ids, [(self.hook_name(k), keep(k)) for k in keys], attention_mask)
+        except _StopForward:
+            pass
+        return captured
+
+
+class DecoderStates:
+    """Residual states through forward hooks on the Hugging Face decoder blocks (the route of the trainer): early
+    stop, key/value cache, differentiable."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def residual_states(self, input_ids: Tensor, attention_mask: Tensor | None, layers: set[int],
+                        stop_after: int | None = None, position_ids: Tensor | None = None, cache=None) -> dict:
+        """As ``StateReader.residual_states``; ``cache`` (a transformers ``Cache``) is read and extended when given."""
+        return residual_states(self.model, input_ids, attention_mask, layers, stop_after, position_ids, cache)
 
 
 def distinct_prompts(prompt_ids: list[list[int]]) -> tuple[list[list[int]], list[int]]:
@@ -59,7 +170,8 @@ def decoder_layers(model) -> nn.ModuleList:
 def residual_states(model, input_ids: Tensor, attention_mask: Tensor, layers: set[int], stop_after: int | None = None,
                     position_ids: Tensor | None = None, cache=None) -> dict:
     """Residual states of a Hugging Face decoder in one forward: {l: h_l [B, T, d]} for l in ``layers`` (the output
-    of layer l, 1-based), plus {"final": LNf(h_L)} unless the forward stops right after layer ``stop_after``.
+    of layer l, 1-based; 0: the input of block 1), plus {LNF: LNf(h_L)} unless the forward stops right after
+    layer ``stop_after``.
     ``cache`` (a transformers ``Cache``) is read and extended when given."""
     decoder = model.get_decoder()
     captured: dict = {}
@@ -72,10 +184,16 @@ def residual_states(model, input_ids: Tensor, attention_mask: Tensor, layers: se
 
         return hook
 
-    wanted = set(layers) | ({stop_after} if stop_after else set())
-    handles = [decoder_layers(model)[l - 1].register_forward_hook(hook_for(l)) for l in wanted]
+    def embeddings(module, args, kwargs):
+        captured[0] = args[0] if args else kwargs["hidden_states"]
+
+    blocks = decoder_layers(model)
+    wanted = set(layers) - {0} | ({stop_after} if stop_after else set())
+    handles = [blocks[l - 1].register_forward_hook(hook_for(l)) for l in wanted]
+    if 0 in layers:
+        handles.append(blocks[0].register_forward_pre_hook(embeddings, with_kwargs=True))
     try:
-        captured["final"] = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+        captured[LNF] = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                     use_cache=cache is not None, **{cache_keyword(model): cache}).last_hidden_state
     except _StopForward:
         pass
@@ -89,7 +207,7 @@ def response_states(model, rows: list[tuple[list[int], list[int]]], layers: set[
                     pad: int = 0) -> dict:
     """The states that predict each response token, for every row (prompt ids, response ids).
 
-    Returns {l: [N, d]} for l in ``layers`` and "final" (LNf(h_L), unless stopped after layer ``stop_after``), where
+    Returns {l: [N, d]} for l in ``layers`` and LNF (LNf(h_L), unless stopped after layer ``stop_after``), where
     N = total response tokens and row b's tokens come in order: the state at position t predicts response token t
     (the first from the prompt's last position). Differentiable; the prompt of repeated rows is computed once.
     """
@@ -133,17 +251,3 @@ class ResponseForward(nn.Module):
         """Returns the states of ``response_states``, and with ``readout`` the pair (states, readout(states))."""
         states = response_states(self.model, rows, layers, stop_after, pad)
         return states if readout is None else (states, readout(states))
-
-
-def prefilled_cache(model, prompt_ids: Tensor, attention_mask: Tensor, repeats: int):
-    """For generation: the key/value cache of left-padded distinct prompts [P, T] without their last token, each
-    repeated ``repeats`` times along the batch, ready for ``generate`` on the repeated prompts (which then runs the
-    last prompt token itself). Position ids follow ``generate``'s rule for left padding."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=model.config)
-    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    model.get_decoder()(input_ids=prompt_ids[:, :-1], attention_mask=attention_mask[:, :-1],
-                        position_ids=positions[:, :-1], use_cache=True, **{cache_keyword(model): cache})
-    cache.batch_repeat_interleave(repeats)
-    return cache

