@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from .errors import IPolicyError
 
@@ -148,8 +148,9 @@ class TrainConfig:
     data: str = option(BUILTIN_ARITHMETIC, "Training prompts with ground truths: 'arithmetic', a built-in benchmark "
                        "(e.g. deepmath-5k), .jsonl/.parquet (verl layout or prompt + answer), or a Hub dataset.", short="d")
     data_limit: int | None = option(None, "Use only the first N rows (built-in task: N problems, default 8).")
-    reward: str = option("math", "'math' (last \\boxed{} vs ground truth, math-verify), FILE.py:FUNCTION or "
-                         "module:function called as fn(prompt, response, ground_truth) -> float.")
+    reward: str | Callable = option("math", "'math' (last \\boxed{} vs ground truth, math-verify), FILE.py:FUNCTION or "
+                                    "module:function called as fn(prompt, response, ground_truth) -> float (from "
+                                    "Python also the function itself).", cli_type=str)
     chat_template_kwargs: str | None = option(None, "JSON object passed to the chat template, e.g. "
                                               "'{\"enable_thinking\": false}' (Qwen3 non-thinking, as the paper).")
     # GRPO by default; `ipolicy train-bupo` defaults to internal_layer="auto", internal_steps=2

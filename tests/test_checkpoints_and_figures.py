@@ -88,3 +88,48 @@ def test_figures_command(across_checkpoints, bupo_run, tiny_llama, rows_file, tm
         assert (out / f"{name}.pdf").read_bytes()[:4] == b"%PDF"
     bad = run_cli("figures", tmp_path / "nothing", "--out", out)
     assert bad.exit_code == 2 and "holds no results" in bad.output
+
+
+def test_a_run_folder_as_model_is_analysed_like_run(bupo_run, across_checkpoints, rows_file, tmp_path):
+    out = tmp_path / "as-model"
+    result = run_cli("entropy", "--model", bupo_run, "--data", rows_file, "--out", out, "--refine-layer", "2", "-q")
+    assert result.exit_code == 0, result.output
+    pd.testing.assert_frame_equal(pd.read_csv(out / "summary.csv"), pd.read_csv(across_checkpoints / "summary.csv"))
+
+
+def test_figures_go_to_a_fresh_folder_by_default(across_checkpoints, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "figures").mkdir()
+    result = run_cli("figures", across_checkpoints)
+    assert result.exit_code == 0, result.output
+    written = [line for line in result.output.splitlines() if line.endswith(".png")]
+    assert written and all(line.startswith("runs/figures-") for line in written)
+    assert not list((tmp_path / "figures").iterdir())  # a committed figures/ folder is never overwritten
+
+
+def test_resume_never_unpickles_a_trainer_state(bupo_run, tmp_path):
+    """A run folder from someone else must not run code on --resume: the trainer state is safetensors + JSON, and a
+    pickle (trainer_state.pt, as older versions wrote) is refused without being opened."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(bupo_run, run)
+    latest = run / "checkpoints" / "step-3"
+    assert (latest / "trainer_state.safetensors").is_file() and (latest / "trainer_state.json").is_file()
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    import pickle
+
+    for name in ("trainer_state.safetensors", "trainer_state.json"):
+        (latest / name).unlink()
+    (latest / "trainer_state.pt").write_bytes(pickle.dumps({"step": 3, "payload": Payload()}))
+    reward = f"{bupo_run.parent / 'rewards.py'}:fn"
+    result = run_cli("train-bupo", "--model", bupo_run / "checkpoints" / "step-1", "--data", bupo_run.parent / "prompts.jsonl",
+                     "--reward", reward, "--steps", "4", "--internal-layer", "2", "--internal-steps", "1",
+                     "--prompts-per-step", "2", "--group-size", "4", "--max-new-tokens", "8", "--out", run, "--resume", "-q")
+    assert result.exit_code == 2 and "never loaded" in result.output, result.output
+    assert not marker.exists()

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen3Config
+from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, GPT2Config, LlamaConfig, MistralConfig,
+                          Phi3Config, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config)
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -37,6 +38,21 @@ def tiny_tokenizer(vocab_size: int = 300) -> PreTrainedTokenizerFast:
     )
 
 
+# Every family ipolicy supports, as tiny configs. Gemma-2 soft-caps attention scores and its final logits, and both
+# Gemmas norm each module's output before adding it to the residual stream (post-norm blocks).
+ARCHITECTURES = {
+    "llama": LlamaConfig,
+    "qwen2": Qwen2Config,
+    "qwen3": lambda **c: Qwen3Config(head_dim=16, **c),
+    "mistral": MistralConfig,
+    "phi3": Phi3Config,
+    "gemma2": lambda **c: Gemma2Config(head_dim=16, query_pre_attn_scalar=16, final_logit_softcapping=30.0,
+                                       attn_logit_softcapping=50.0, **c),
+    "gemma3": lambda **c: Gemma3TextConfig(head_dim=16, query_pre_attn_scalar=16, **c),
+}
+ALL_ARCHITECTURES = [*ARCHITECTURES, "gpt2"]
+
+
 def tiny_model(arch: str = "llama", n_layers: int = 4, seed: int = 0, init_scale: float = 0.5):
     """A random model whose logits are large (init_scale >> 0.02), so policies are peaked and entropies vary."""
     tokenizer = tiny_tokenizer()
@@ -54,12 +70,12 @@ def tiny_model(arch: str = "llama", n_layers: int = 4, seed: int = 0, init_scale
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
     )
-    if arch == "llama":
-        config = LlamaConfig(**common)
-    elif arch == "qwen3":
-        config = Qwen3Config(head_dim=16, **common)
+    if arch == "gpt2":
+        config = GPT2Config(vocab_size=len(tokenizer), n_embd=64, n_layer=n_layers, n_head=4, n_positions=512,
+                            initializer_range=init_scale, eos_token_id=tokenizer.eos_token_id,
+                            bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id)
     else:
-        raise ValueError(arch)
+        config = ARCHITECTURES[arch](**common)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():  # norms start at 1; give them some spread so LN outputs differ from plain rescaling

@@ -163,20 +163,18 @@ class EntropyEngine:
 
             return hook_fn
 
-        module_out = {"attn": "hook_attn_out", "ffn": "hook_mlp_out"}
-        if self.loaded.block_layout == "post-norm":  # a_l and f_l are what the block adds: after the module's post-norm
-            module_out = {"attn": "ln1_post.hook_out", "ffn": "ln2_post.hook_out"}
+        names = BridgeStates.block_hooks(self.loaded.block_layout)
         hook = BridgeStates.hook_name
         hooks = [(hook(0), record(("resid", 0)))]
         for i in range(n_layers):
             layer = i + 1
             hooks += [
-                (f"blocks.{i}.hook_resid_pre", hold("resid_pre")),
-                (f"blocks.{i}.ln1.hook_out", record(("ln1", layer))),
-                (f"blocks.{i}.{module_out['attn']}", record_with_cosine(("attn", layer), "resid_pre")),
-                (f"blocks.{i}.hook_resid_mid", hold("resid_mid")),
-                (f"blocks.{i}.ln2.hook_out", record(("ln2", layer))),
-                (f"blocks.{i}.{module_out['ffn']}", record_with_cosine(("ffn", layer), "resid_mid")),
+                (f"blocks.{i}.{names['resid_pre']}", hold("resid_pre")),
+                (f"blocks.{i}.{names['ln1']}", record(("ln1", layer))),
+                (f"blocks.{i}.{names['attn']}", record_with_cosine(("attn", layer), "resid_pre")),
+                (f"blocks.{i}.{names['resid_mid']}", hold("resid_mid")),
+                (f"blocks.{i}.{names['ln2']}", record(("ln2", layer))),
+                (f"blocks.{i}.{names['ffn']}", record_with_cosine(("ffn", layer), "resid_mid")),
             ]
             if layer < n_layers:
                 hooks.append((hook(layer), record(("resid", layer))))

@@ -91,6 +91,16 @@ class BridgeStates:
             self.bridge(input_ids, attention_mask=attention_mask, return_type=None, logits_to_keep=1, use_cache=False)
 
     @staticmethod
+    def block_hooks(block_layout: str) -> dict[str, str]:
+        """The hook (within ``blocks.{i}``) of each state of docs/definitions.md §1 for a block layout: in post-norm
+        blocks (Gemma-2/3) a_l and f_l are what the block adds to the stream, after the module's own post-norm."""
+        post = block_layout == "post-norm"
+        return {"resid_pre": "hook_resid_pre", "ln1": "ln1.hook_out",
+                "attn": "ln1_post.hook_out" if post else "hook_attn_out", "resid_mid": "hook_resid_mid",
+                "ln2": "ln2.hook_out", "ffn": "ln2_post.hook_out" if post else "hook_mlp_out",
+                "resid_post": "hook_resid_post"}
+
+    @staticmethod
     def hook_name(key: int | str) -> str:
         """The bridge hook that sees state ``key``: h_0 -> blocks.0.hook_resid_pre, h_l -> blocks.{l-1}.hook_resid_post,
         LNF -> ln_final.hook_out."""

@@ -89,8 +89,10 @@ class MathReward:
             return 0.0
 
 
-def load_reward(spec: str) -> RewardFn:
-    """``math``, ``path/to/file.py:function`` or ``package.module:function``."""
+def load_reward(spec: str | RewardFn) -> RewardFn:
+    """``math``, ``path/to/file.py:function``, ``package.module:function``, or (from Python) the function itself."""
+    if callable(spec):
+        return spec
     if spec == "math":
         return MathReward()
     target, sep, name = spec.rpartition(":")

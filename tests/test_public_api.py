@@ -1,0 +1,116 @@
+"""The Python front door: what a notebook imports, that its one call equals the CLI, and that errors speak the
+caller's language (parameters in Python, flags on the command line)."""
+
+import json
+import subprocess
+import sys
+
+import matplotlib
+import pandas as pd
+import pytest
+
+import internal_policy as ip
+from cli_helpers import run_cli
+from conftest import ROWS
+from internal_policy.data import render_prompt
+from internal_policy.stats import boundary_layer
+from tiny_models import save_tiny_model
+
+
+def test_import_is_light_and_everything_exported_resolves():
+    code = ("import sys, internal_policy as ip; print(ip.__version__); print(len(ip.__all__)); "
+            "print('torch' in sys.modules)")
+    lines = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert lines[0] == ip.__version__ and lines[0] != "0.0.0+unknown" and lines[2] == "False"
+    for name in ip.__all__:
+        assert getattr(ip, name) is not None, name
+    assert (__import__("pathlib").Path(ip.__file__).parent / "py.typed").is_file()
+
+
+def test_analyse_in_memory_equals_the_cli_over_several_batches(tiny_llama, rows_file, tmp_path, monkeypatch):
+    out = tmp_path / "cli"
+    assert run_cli("entropy", "-m", tiny_llama, "-d", rows_file, "-o", out, "-q", "--batch-tokens", "40").exit_code == 0
+    monkeypatch.chdir(tmp_path)
+    before = set(tmp_path.rglob("*"))
+    batches = []
+    original = ip.EntropyEngine.analyse
+    monkeypatch.setattr(ip.EntropyEngine, "analyse", lambda self, s, sample_index=None: batches.append(sample_index)
+                        or original(self, s, sample_index))
+    result = ip.analyse(model=str(tiny_llama), data=str(rows_file), batch_tokens=40)
+    assert len(batches) > 1  # more samples than fit one batch
+    assert set(tmp_path.rglob("*")) == before and result.out is None  # nothing written
+    cli_tokens = pd.read_parquet(out / "tokens.parquet")
+    pd.testing.assert_frame_equal(result.tokens.reset_index(drop=True), cli_tokens, check_dtype=False)
+    cli_summary = pd.read_csv(out / "summary.csv")
+    pd.testing.assert_frame_equal(result.summary[cli_summary.columns].reset_index(drop=True), cli_summary,
+                                  check_exact=False, rtol=1e-5, check_dtype=False)
+    assert result.boundary == json.loads((out / "manifest.json").read_text())["boundary_layer"]
+    for figure in (result.plot_flow(), result.plot_change()):
+        assert len(figure.axes) == 1 and figure.axes[0].lines
+
+
+def test_errors_name_parameters_in_python_and_flags_on_the_command_line(tiny_llama, rows_file, tmp_path):
+    with pytest.raises(ip.IPolicyError, match="`max_new_tokens` must be at least 1"):
+        ip.EntropyConfig(max_new_tokens=0)
+    with pytest.raises(ip.IPolicyError, match="`internal_steps` \\(9\\) must be in 0..`steps` \\(4\\)"):
+        ip.TrainConfig(steps=4, internal_steps=9, internal_layer=2)
+    result = run_cli("entropy", "-m", tiny_llama, "-d", rows_file, "-o", tmp_path / "x", "--max-new-tokens", "0")
+    assert result.exit_code == 2 and "error: --max-new-tokens must be at least 1" in result.output
+    assert "`" not in result.output and not (tmp_path / "x").exists()
+
+
+def test_refine_layer_is_checked_before_anything_is_generated(tiny_llama, tmp_path):
+    out = tmp_path / "out"
+    result = run_cli("entropy", "-m", tiny_llama, "-o", out, "-q", "--limit", "2", "--max-new-tokens", "4",
+                     "--refine-layer", "99")
+    assert result.exit_code == 2 and "--refine-layer must be in 1..3" in result.output
+    assert not out.exists()
+
+
+THINKING_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                     "{% if add_generation_prompt %}<|im_start|>assistant\n"
+                     "{% if enable_thinking is defined and not enable_thinking %}hello world\n{% endif %}{% endif %}")
+
+
+def test_chat_template_kwargs_reach_every_rendered_prompt(tmp_path):
+    folder = save_tiny_model(tmp_path / "thinking", "qwen3")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["chat_template"] = THINKING_TEMPLATE
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    samples = [ip.Sample(id="a", prompt=[{"role": "user", "content": "What is 3 * 4?"}], response="12")]
+    plain = ip.analyse(model=str(folder), samples=samples)
+    quiet = ip.analyse(model=str(folder), samples=samples, chat_template_kwargs='{"enable_thinking": false}')
+    loaded = ip.load_model(str(folder))
+    rendered = render_prompt(loaded.tokenizer, samples[0].prompt, {"enable_thinking": False})
+    assert rendered.endswith("assistant\nhello world\n")
+    shift = len(loaded.tokenizer("hello world\n", add_special_tokens=False)["input_ids"])
+    assert shift > 0 and (quiet.tokens["position"] - plain.tokens["position"] == shift).all()
+    assert quiet.manifest["config"]["chat_template_kwargs"] == '{"enable_thinking": false}'
+    with pytest.raises(ip.IPolicyError, match="`chat_template_kwargs` must be a JSON object"):
+        ip.EntropyConfig(chat_template_kwargs="[1, 2]")
+    # the trainer renders its prompts the same way
+    (tmp_path / "rows.jsonl").write_text(json.dumps({"prompt": samples[0].prompt, "answer": "12"}) + "\n")
+    trainer = ip.Trainer(ip.TrainConfig(model=str(folder), data=str(tmp_path / "rows.jsonl"), steps=1, device="cpu",
+                                        max_new_tokens=4, chat_template_kwargs='{"enable_thinking": false}'),
+                         tmp_path / "run")
+    assert trainer.prompt_ids[0] == loaded.tokenizer(rendered, add_special_tokens=False)["input_ids"]
+
+
+def test_boundary_layer_and_its_tolerance():
+    def summary(deltas):
+        return pd.DataFrame({"layer": range(1, len(deltas) + 1), "module": "ffn", "delta_mean": deltas})
+
+    assert boundary_layer(summary([0.3, 0.2, 0.01, -0.4, 0.5])) == 2  # the first run of exploring layers ends at 2
+    assert boundary_layer(summary([-0.1, 0.3, 0.06, 0.0])) == 3
+    assert boundary_layer(summary([-0.1, 0.3, 0.06, 0.0]), tolerance=0.1) == 2
+    assert boundary_layer(summary([-0.1, -0.2, 0.04])) is None
+
+
+def test_figures_leave_the_callers_style_alone(tiny_llama, rows_file):
+    before = dict(matplotlib.rcParams)
+    result = ip.analyse(model=str(tiny_llama), data=str(rows_file))
+    result.plot_flow()
+    result.plot_change()
+    after = dict(matplotlib.rcParams)
+    assert {k for k in before if before[k] != after[k]} == set()
