@@ -245,7 +245,6 @@ def load_model(
     the CPU; ``device`` is then ignored.
     """
     from transformers import AutoModelForCausalLM
-    from transformer_lens.model_bridge import TransformerBridge
 
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
@@ -261,26 +260,7 @@ def load_model(
     if device_map is None:
         hf_model.to(device)
     hf_model.eval()
-    # The bridge rewires the modules it wraps, and in TransformerLens 4.3 KV-cache decoding through its attention
-    # wrapper is wrong (greedy output degenerates). So the bridge wraps a shadow copy that shares every parameter
-    # with hf_model: hooks see the same weights, while generation and training use the untouched model.
-    shadow = copy.deepcopy(hf_model, memo={id(p): p for p in hf_model.parameters()})
-    try:
-        logging.getLogger("transformer_lens").setLevel(logging.ERROR)
-        bridge = TransformerBridge.boot_transformers(
-            model, hf_model=shadow, tokenizer=tokenizer, device=None if device_map else device, dtype=torch_dtype
-        )
-    except Exception as error:  # the bridge raises ValueError / NotImplementedError / KeyError by architecture
-        arch = (getattr(hf_model.config, "architectures", None) or [type(hf_model).__name__])[0]
-        raise IPolicyError(
-            f"TransformerLens cannot wrap architecture '{arch}' of '{model}' ({error}). "
-            "Fix: use a model family TransformerBridge supports (Llama, Qwen2, Qwen3, Mistral, Gemma, GPT-2, ...)."
-        ) from error
-    # The bridge forces eager attention so that attention patterns can be hooked. We never read patterns, and the
-    # fused kernel (sdpa) computes the same outputs with O(T) instead of O(T^2) memory for long responses; but sdpa
-    # cannot soft-cap attention scores (Gemma-2), so such models keep the eager kernel.
-    softcapped = getattr(shadow.config, "attn_logit_softcapping", None) is not None
-    shadow.config._attn_implementation = "eager" if softcapped else "sdpa"
+    bridge = _bridge(model, hf_model, tokenizer, None if device_map else device, torch_dtype)
     commit = getattr(hf_model.config, "_commit_hash", None)
     return LoadedModel(
         name=model,
@@ -291,3 +271,30 @@ def load_model(
         bridge=bridge,
         dtype=torch_dtype,
     )
+
+
+def _bridge(name: str, hf_model: nn.Module, tokenizer, device: str | None, dtype: torch.dtype) -> nn.Module:
+    """A TransformerBridge around a shadow copy of ``hf_model`` that shares every parameter with it.
+
+    The bridge rewires the modules it wraps, and in TransformerLens 4.3 KV-cache decoding through its attention
+    wrapper is wrong (greedy output degenerates); so hooks see the same weights through the shadow, while generation
+    and training use the untouched model."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    shadow = copy.deepcopy(hf_model, memo={id(p): p for p in hf_model.parameters()})
+    try:
+        logging.getLogger("transformer_lens").setLevel(logging.ERROR)
+        bridge = TransformerBridge.boot_transformers(name, hf_model=shadow, tokenizer=tokenizer, device=device,
+                                                     dtype=dtype)
+    except Exception as error:  # the bridge raises ValueError / NotImplementedError / KeyError by architecture
+        arch = (getattr(hf_model.config, "architectures", None) or [type(hf_model).__name__])[0]
+        raise IPolicyError(
+            f"TransformerLens cannot wrap architecture '{arch}' of '{name}' ({error}). "
+            "Fix: use a model family TransformerBridge supports (Llama, Qwen2, Qwen3, Mistral, Gemma, GPT-2, ...)."
+        ) from error
+    # The bridge forces eager attention so that attention patterns can be hooked. We never read patterns, and the
+    # fused kernel (sdpa) computes the same outputs with O(T) instead of O(T^2) memory for long responses; but sdpa
+    # cannot soft-cap attention scores (Gemma-2), so such models keep the eager kernel.
+    softcapped = getattr(shadow.config, "attn_logit_softcapping", None) is not None
+    shadow.config._attn_implementation = "eager" if softcapped else "sdpa"
+    return bridge
