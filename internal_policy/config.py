@@ -169,6 +169,11 @@ class TrainConfig:
     max_grad_norm: float = option(1.0, "Gradient-norm clipping.")
     clip_low: float = option(0.2, "eps_low of the clipped ratio.")
     clip_high: float = option(0.2, "eps_high of the clipped ratio.")
+    clip_ratio_c: float | None = option(None, "Dual clip (verl's clip_ratio_c; the BuPO scripts use 10): a "
+                                        "negative-advantage token's loss is capped at -c A. Off by default.")
+    loss_agg_mode: str = option("token-mean", "How token losses are averaged: token-mean (over all tokens of the "
+                                "mini-batch, verl's default) or seq-mean-token-mean (each response's token mean, then "
+                                "the mean over responses: the paper's Eq. 3).")
     std_scaling: bool = option(True, "Advantages (R - mean(R)) / std(R); --no-std-scaling: R - mean(R).",
                                flag="--std-scaling/--no-std-scaling")
     kl_coef: float = option(0.0, "k3 KL penalty to the frozen base model (0 = none, the paper's).")
@@ -208,6 +213,9 @@ class TrainConfig:
         _check(0 < self.top_p <= 1, "`top_p` must be in (0, 1]. Fix: change it.")
         _check(0 <= self.clip_low < 1 and self.clip_high >= 0, "`clip_low` must be in [0, 1) and `clip_high` >= 0. Fix: change them.")
         _check(0 < self.vllm_gpu_memory < 1, "`vllm_gpu_memory` must be in (0, 1). Fix: change it.")
+        _check(self.clip_ratio_c is None or self.clip_ratio_c > 1, "`clip_ratio_c` must be > 1 (verl: 3; the BuPO "
+               "scripts: 10). Fix: change it, or leave it out for no dual clip.")
+        _check_choice(self, "loss_agg_mode", ("token-mean", "seq-mean-token-mean"))
         _check(0 <= self.internal_steps <= self.steps,
                f"`internal_steps` ({self.internal_steps}) must be in 0..`steps` ({self.steps}). Fix: change it.")
         _check(self.weight_decay >= 0 and self.max_grad_norm > 0 and self.kl_coef >= 0 and self.entropy_coef >= 0,

@@ -1,6 +1,7 @@
 """Prompts, responses and ground truths: one data module for the entropy engine and the trainer.
 
-``--data`` may be ``arithmetic`` (the built-in, seeded task), a shipped benchmark by name (``math500``, ``amc23``,
+``--data`` may be ``arithmetic`` (the built-in, seeded task), a level of the task ladder (``add-sub-1``,
+``add-sub-2``, ``mul-1``, each with a held-out split ``NAME:test``), a shipped benchmark by name (``math500``, ``amc23``,
 ``aime24``, ``aime25``, ``deepmath-5k``; see ``datasets/README.md``), a local ``.jsonl`` / ``.json`` / ``.parquet`` file, or a
 Hugging Face Hub dataset name (``HuggingFaceH4/MATH-500``, optionally ``NAME:SPLIT``). Accepted rows:
 
@@ -14,6 +15,7 @@ Tokenization follows docs/definitions.md §2: prompt and response are tokenized 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from dataclasses import asdict, dataclass
@@ -82,6 +84,38 @@ def arithmetic_samples(n: int, seed: int = 0) -> list[Sample]:
             {"role": "user", "content": f"What is {a} {op} {b}?"},
         ]
         samples.append(Sample(id=f"arithmetic-{seed}-{i}", prompt=messages, answer=str(answer), source=BUILTIN_ARITHMETIC))
+    return samples
+
+
+# The task ladder: graded arithmetic a small model can learn from on a CPU. Each level's problems are split once and
+# for all into train and held-out ("NAME:test") problems, by a hash of the problem, so the two never overlap.
+TASK_LADDER = {
+    "add-sub-1": ("+-", range(0, 10)),      # one-digit addition and subtraction
+    "add-sub-2": ("+-", range(10, 100)),    # two-digit addition and subtraction
+    "mul-1": ("*", range(2, 10)),           # one-digit multiplication
+}
+TASK_INSTRUCTION = "Put the final answer in \\boxed{}."
+
+
+def ladder_problems(level: str, split: str = "train") -> list[tuple[int, str, int]]:
+    """Every problem (a, op, b) of a ladder level in one split ("train" or "test", about a fifth), in a fixed order."""
+    ops, operands = TASK_LADDER[level]
+    problems = [(a, op, b) for op in ops for a in operands for b in operands if op != "-" or a >= b]
+    held_out = lambda p: int(hashlib.sha256(f"{level}:{p}".encode()).hexdigest(), 16) % 5 == 0  # noqa: E731
+    return [p for p in problems if held_out(p) == (split == "test")]
+
+
+def ladder_samples(spec: str, n: int | None, seed: int = 0) -> list[Sample]:
+    """``n`` problems (all of them when None) of the ladder level ``spec`` ("add-sub-1" or "add-sub-1:test"), in a
+    seeded order, as chat messages: "What is 6 - 3? Put the final answer in \\boxed{}."."""
+    level, _, split = spec.partition(":")
+    problems = ladder_problems(level, split or "train")
+    random.Random(seed).shuffle(problems)
+    samples = []
+    for a, op, b in problems[:n]:
+        answer = {"+": a + b, "-": a - b, "*": a * b}[op]
+        prompt = [{"role": "user", "content": f"What is {a} {op} {b}? {TASK_INSTRUCTION}"}]
+        samples.append(Sample(id=f"{level}-{a}{op}{b}", prompt=prompt, answer=str(answer), source=spec))
     return samples
 
 
@@ -175,6 +209,8 @@ def load_samples(spec: str = BUILTIN_ARITHMETIC, *, limit: int | None = None, se
     """Read ``spec`` (see the module docstring) into samples; ``limit`` keeps the first rows."""
     if spec == BUILTIN_ARITHMETIC:
         samples = arithmetic_samples(limit or 8, seed)
+    elif spec.partition(":")[0] in TASK_LADDER and spec.partition(":")[2] in ("", "train", "test"):
+        samples = ladder_samples(spec, limit, seed)
     else:
         rows = _read_rows(spec)
         if limit is not None:

@@ -27,7 +27,7 @@ from .lens.engine import EngineConfig, EntropyEngine
 from .lens.refinement import feature_refinement
 from .models import LoadedModel, load_model, model_files
 from .rl.generation import SamplingConfig, complete_samples, sample_responses, sample_responses_vllm
-from .runs import EntropyFolder, run_checkpoints
+from .runs import EntropyFolder, folder_lock, run_checkpoints
 from .stats import boundary_layer, summarize
 
 SHARD_ORDER = ["sample_index", "layer", "position"]
@@ -110,8 +110,16 @@ def analyse(config: EntropyConfig | None = None, *, out: str | Path | None = Non
     config = replace(config, **options) if config is not None else EntropyConfig(**options)
     if loaded is None and len(run_checkpoints(config.model)) > 1:
         return compare([config.model], config, out=out, overwrite=overwrite, progress=progress, samples=samples)
+    if out is None:
+        return _analyse(config, _InMemory(), progress, samples, loaded)
+    with folder_lock(out):  # one writer per folder
+        return _analyse(config, EntropyFolder(Path(out), config.fingerprint(), overwrite), progress, samples, loaded)
+
+
+def _analyse(config: EntropyConfig, sink, progress: bool, samples: list[Sample] | None,
+             loaded: LoadedModel | None) -> EntropyResult:
+    out = sink.out if isinstance(sink, EntropyFolder) else None
     started = time.perf_counter()
-    sink = EntropyFolder(Path(out), config.fingerprint(), overwrite) if out is not None else _InMemory()
     timings: dict[str, float] = {}
     samples, loaded = _responses_and_model(config, sink, samples, loaded, progress, timings)
     chat = parse_chat_template_kwargs(config.chat_template_kwargs)
@@ -128,7 +136,7 @@ def analyse(config: EntropyConfig | None = None, *, out: str | Path | None = Non
     boundary = boundary_layer(summary, config.boundary_tolerance)
     timings["total_s"] = time.perf_counter() - started
     manifest = _manifest(config, loaded, engine, samples, summary, boundary, timings)
-    result = EntropyResult(summary, boundary, manifest, samples, tokens, refinement, sink.out if out is not None else None)
+    result = EntropyResult(summary, boundary, manifest, samples, tokens, refinement, out)
     if out is not None:
         sink.finish(summary, manifest, refinement)
         label = Path(config.model).name if config.model.endswith(".gguf") else config.model
@@ -254,7 +262,14 @@ def compare(models: list[str], config: EntropyConfig | None = None, *, out: str 
     entropy-dynamics figure and the manifest are written to ``out``.
     """
     config = replace(config, **options) if config is not None else EntropyConfig(**options)
-    out = Path(out) if out is not None else None
+    if out is None:
+        return _compare(models, config, None, overwrite, progress, samples)
+    with folder_lock(out):
+        return _compare(models, config, Path(out), overwrite, progress, samples)
+
+
+def _compare(models: list[str], config: EntropyConfig, out: Path | None, overwrite: bool, progress: bool,
+             samples: list[Sample] | None) -> EntropyResult:
     targets = [target for spec in models for target in run_checkpoints(spec)]
     tables: dict[str, list[pd.DataFrame]] = {"summary": [], "tokens": [], "refinement": []}
     results = []

@@ -14,7 +14,7 @@ from .errors import IPolicyError
 from .models import load_model, model_files
 from .rl.generation import SamplingConfig, sample_responses, sample_responses_vllm
 from .rl.rewards import load_reward, score
-from .runs import EvalFolder, run_checkpoints
+from .runs import EvalFolder, folder_lock, run_checkpoints
 from .stats import pass_at_k
 
 
@@ -26,7 +26,7 @@ def _sample_and_score(tokenizer, generate, samples, n: int, reward_fn, chat: dic
     for i, sample in enumerate(samples):
         for j, ids in enumerate(responses[i * n : (i + 1) * n]):
             text = tokenizer.decode(ids, skip_special_tokens=True)
-            reward = score(reward_fn, prompts[i], text, sample.answer)
+            reward = score(reward_fn, prompts[i], text, sample.answer, f"on problem '{sample.id}', response {j}")
             rows.append({"problem": sample.id, "sample": j, "answer": sample.answer, "response": text,
                          "response_tokens": len(ids), "reward": reward, "correct": reward >= 1.0})
     return rows
@@ -47,7 +47,11 @@ def evaluate(config: EvalConfig | None = None, *, out: str | Path, progress: boo
     Writes to ``out`` (docs/definitions.md, "ipolicy eval"): responses/ (one atomic file per pair, so a rerun into
     ``out`` skips the pairs already done), problems.csv, summary.csv and summary.json."""
     config = replace(config, **options) if config is not None else EvalConfig(**options)
-    folder = EvalFolder(Path(out), config.fingerprint(), overwrite)
+    with folder_lock(out):  # one writer per folder
+        return _evaluate(config, EvalFolder(Path(out), config.fingerprint(), overwrite), progress)
+
+
+def _evaluate(config: EvalConfig, folder: EvalFolder, progress: bool) -> pd.DataFrame:
     reward_fn = load_reward(config.reward)
     data = {d: load_samples(d, limit=config.limit, seed=config.seed) for d in config.datasets}
     for name, samples in data.items():

@@ -15,7 +15,8 @@ import pandas as pd
 import seaborn as sns
 
 from .io import atomic_path
-from .runs import RunFolder
+from .runs import RunFolder, folder_lock
+from .stats import boundary_layer
 
 PALETTE = {"layer input": "#4C72B0", "attention output": "#DD8452", "FFN output": "#55A868", "layer output": "#C44E52"}
 
@@ -185,8 +186,12 @@ def figures_from_results(results: list[Path], out: Path, formats: tuple[str, ...
     """The paper's figure set from stored results. Each folder is recognised by its files: an entropy result
     (summary.csv; with a step column, across checkpoints; refinement.csv), a training run (metrics.jsonl), or an
     evaluation (problems.csv). Training runs are drawn together, labelled GRPO/BuPO and seed."""
+    with folder_lock(out):
+        return _figures_from_results(results, Path(out), formats)
+
+
+def _figures_from_results(results: list[Path], out: Path, formats: tuple[str, ...]) -> list[Path]:
     from .errors import IPolicyError
-    from .stats import boundary_layer
 
     written: list[Path] = []
     runs: dict[str, pd.DataFrame] = {}

@@ -10,17 +10,33 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from .errors import IPolicyError
+
+
+def write_error(path: Path, error: OSError, kept: str = "") -> IPolicyError:
+    """One line for a failed write (a full disk, a folder gone read-only): what failed, what is intact, the fix."""
+    kept = kept or "what was written before is intact"
+    return IPolicyError(f"Could not write '{path}': {error.strerror or error}; {kept}. Fix: free space on that disk "
+                        "(or fix its permissions) and rerun, or choose another `out`.")
+
 
 @contextmanager
 def atomic_path(path: Path):
-    """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename."""
+    """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename. A failed write leaves
+    ``path`` as it was and raises one ``IPolicyError`` line."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+    except OSError as error:
+        raise write_error(path, error) from error
     try:
         yield Path(tmp)
         os.replace(tmp, path)
+    except OSError as error:
+        Path(tmp).unlink(missing_ok=True)
+        raise write_error(path, error) from error
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

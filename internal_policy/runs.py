@@ -27,8 +27,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
+import socket
+import sys
+from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pandas as pd
@@ -37,6 +42,59 @@ import pyarrow.parquet as pq
 
 from .errors import IPolicyError
 from .io import atomic_write, atomic_write_json, atomic_write_text
+
+FINGERPRINT_KEY = b"ipolicy_fingerprint"
+
+
+def check_output_folder(out: str | Path) -> Path:
+    """Refuse, before any work, an output folder that cannot be one: an existing file, or a place this process may
+    not write to."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise IPolicyError(f"`out` '{out}' is a file, not a folder. Fix: choose a folder (new or a previous run's).")
+    existing = next(p for p in [out, *out.absolute().parents] if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise IPolicyError(f"`out` '{out}' cannot be written: '{existing}' is not writable by this user. "
+                           "Fix: choose another `out`, or fix the folder's permissions.")
+    return out
+
+
+def _lock_paths(out: Path) -> tuple[Path, Path]:
+    """The lock file and its holder record, beside the folder (so a refused run leaves the folder untouched)."""
+    out = out.absolute()
+    return out.parent / f".{out.name}.lock", out.parent / f".{out.name}.lock.json"
+
+
+@contextmanager
+def folder_lock(out: str | Path):
+    """Hold the one writer's lock of output folder ``out`` (``filelock``: an OS file lock, which the OS releases when
+    its process dies, so a killed run never blocks a rerun). A second writer is refused at once, with the holder's
+    pid, host, command and start time."""
+    from filelock import FileLock, Timeout
+
+    out = check_output_folder(out)
+    lock_path, holder_path = _lock_paths(out)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(lock_path), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        try:
+            holder = json.loads(holder_path.read_text())
+            who = (f"pid {holder['pid']} on {holder['host']} since {holder['started']}: "
+                   f"{holder['command']}")
+        except (OSError, ValueError, KeyError):
+            who = "another process"
+        raise IPolicyError(f"'{out}' is being written by {who}. Fix: wait for it to finish, or choose another "
+                           "`out`.") from None
+    try:
+        atomic_write_json(holder_path, {"pid": os.getpid(), "host": socket.gethostname(),
+                                        "command": " ".join(sys.argv) or "python",
+                                        "started": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+        yield out
+    finally:
+        holder_path.unlink(missing_ok=True)
+        lock.release()
 
 
 class ResultsFolder:
@@ -98,26 +156,58 @@ class EntropyFolder(ResultsFolder):
     def _shards(self) -> list[Path]:
         return sorted(self.partial.glob("batch-*.parquet"))
 
+    @property
+    def _fingerprint_hash(self) -> bytes:
+        return hashlib.sha256(json.dumps(self.fingerprint, sort_keys=True).encode()).hexdigest()[:16].encode()
+
+    def _read_shard(self, path: Path, columns: list[str] | None = None) -> pa.Table:
+        """A shard, checked: readable, and written by a run with this folder's fingerprint."""
+        fix = f"Fix: delete '{path}' and rerun (its samples are recomputed), or add `overwrite` to start afresh."
+        try:
+            schema = pq.read_schema(path)
+            table = pq.read_table(path, columns=columns)
+        except Exception as error:  # pyarrow raises several types for a damaged file
+            raise IPolicyError(f"Shard '{path}' is damaged ({type(error).__name__}: {error}). {fix}") from None
+        if (schema.metadata or {}).get(FINGERPRINT_KEY) != self._fingerprint_hash:
+            raise IPolicyError(f"Shard '{path}' was not written by this run (its fingerprint differs). {fix}")
+        return table
+
+    def _shard_samples(self) -> dict[Path, set[int]]:
+        """The sample indices of every shard, refusing a sample that two shards both hold."""
+        seen: dict[int, Path] = {}
+        out = {}
+        for shard in self._shards():
+            indices = {int(i) for i in self._read_shard(shard, ["sample_index"]).column("sample_index").to_pylist()}
+            for i in indices:
+                if i in seen:
+                    raise IPolicyError(f"Sample {i} is in two shards, '{seen[i]}' and '{shard}' (two runs wrote this "
+                                       f"folder). Fix: delete '{self.partial}' and rerun, or add `overwrite`.")
+                seen[i] = shard
+            out[shard] = indices
+        return out
+
     def done_sample_indices(self) -> set[int]:
         done: set[int] = set()
         if self.manifest.is_file() and (self.out / "tokens.parquet").is_file():
             done |= set(pd.read_parquet(self.out / "tokens.parquet", columns=["sample_index"])["sample_index"])
-        for shard in self._shards():
-            done |= set(pd.read_parquet(shard, columns=["sample_index"])["sample_index"])
+        for indices in self._shard_samples().values():
+            done |= indices
         return {int(i) for i in done}
 
     def add_shard(self, table: pd.DataFrame) -> None:
         self.start()
         first = int(table["sample_index"].min())
         name = f"batch-{len(self._shards()):05d}-{first:06d}.parquet"
-        atomic_write(self.partial / name, lambda tmp: table.to_parquet(tmp, index=False))
+        arrow = pa.Table.from_pandas(table, preserve_index=False)
+        arrow = arrow.replace_schema_metadata({**(arrow.schema.metadata or {}), FINGERPRINT_KEY: self._fingerprint_hash})
+        atomic_write(self.partial / name, lambda tmp: pq.write_table(arrow, tmp))
 
     def combine_tokens(self) -> pd.DataFrame:
         """Merge the shards (and a previous complete tokens.parquet) into tokens.parquet; return the table."""
-        sources = self._shards()
+        self._shard_samples()  # every shard readable, of this run, and no sample twice
+        tables = [self._read_shard(path) for path in self._shards()]
         if (self.out / "tokens.parquet").is_file() and self.manifest.is_file():
-            sources = [self.out / "tokens.parquet", *sources]
-        tables = [pq.read_table(path) for path in sources]
+            tables = [pq.read_table(self.out / "tokens.parquet"), *tables]
         if not tables:
             raise IPolicyError(f"No results in '{self.out}'. Fix: rerun the analysis.")
         table = pa.concat_tables(tables, promote_options="default").sort_by(

@@ -114,3 +114,12 @@ def test_figures_leave_the_callers_style_alone(tiny_llama, rows_file):
     result.plot_change()
     after = dict(matplotlib.rcParams)
     assert {k for k in before if before[k] != after[k]} == set()
+
+
+def test_the_cli_answers_help_and_bad_flags_without_loading_torch():
+    code = ("import sys\nfrom typer.testing import CliRunner\nfrom cli.main import app\n"
+            "for args in (['--help'], ['entropy', '--help'], ['train-bupo', '--help'], ['entropy', '--no-such-flag']):\n"
+            "    CliRunner().invoke(app, args)\n"
+            "print('torch' in sys.modules, 'transformers' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["False", "False"]

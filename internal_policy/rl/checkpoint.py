@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..errors import IPolicyError
+from ..io import write_error
 from ..runs import RunFolder
 
 TENSORS_FILE = "trainer_state.safetensors"
@@ -55,13 +56,19 @@ def save_checkpoint(run: RunFolder, step: int, model, tokenizer, optimizer, extr
     final = run.checkpoint(step)
     staging = final.with_name(f".{final.name}.tmp")
     shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging, safe_serialization=True)
-    tokenizer.save_pretrained(staging)
-    tensors, info = optimizer_state(optimizer)
-    save_file({**tensors, "torch_rng": torch.random.get_rng_state()}, staging / TENSORS_FILE)
-    python_rng = random.getstate()
-    (staging / STATE_FILE).write_text(json.dumps({"step": step, "optimizer": info, "extra": extra,
-                                                  "python_rng": [python_rng[0], list(python_rng[1]), python_rng[2]]}))
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        tensors, info = optimizer_state(optimizer)
+        save_file({**tensors, "torch_rng": torch.random.get_rng_state()}, staging / TENSORS_FILE)
+        python_rng = random.getstate()
+        (staging / STATE_FILE).write_text(json.dumps({"step": step, "optimizer": info, "extra": extra,
+                                                      "python_rng": [python_rng[0], list(python_rng[1]), python_rng[2]]}))
+    except OSError as error:  # a full disk: drop the partial copy; the checkpoints before it are untouched
+        shutil.rmtree(staging, ignore_errors=True)
+        previous = run.checkpoints()
+        kept = f"the previous checkpoint '{previous[-1]}' is intact" if previous else "no earlier checkpoint exists"
+        raise write_error(final, error, kept) from error
     shutil.rmtree(final, ignore_errors=True)
     staging.rename(final)
     return final
@@ -82,11 +89,17 @@ def load_checkpoint(run: RunFolder, model, optimizer) -> tuple[int, dict]:
             if (latest / "trainer_state.pt").is_file() else ""
         raise IPolicyError(f"`resume`: '{latest}' has no {STATE_FILE}{old}. Fix: start a new run into a new `out`, "
                            f"e.g. from that checkpoint's weights (`model` {latest}).")
-    info = json.loads((latest / STATE_FILE).read_text())
-    tensors = load_file(latest / TENSORS_FILE)
-    shards = sorted(latest.glob("model*.safetensors"))
-    for shard in shards:
-        load_safetensors(model, shard, strict=len(shards) == 1)
+    try:
+        info = json.loads((latest / STATE_FILE).read_text())
+        tensors = load_file(latest / TENSORS_FILE)
+        shards = sorted(latest.glob("model*.safetensors"))
+        for shard in shards:
+            load_safetensors(model, shard, strict=len(shards) == 1)
+    except Exception as error:  # safetensors and json raise several types for a truncated or damaged file
+        previous = (f"The previous complete checkpoint is '{checkpoints[-2]}'. Fix: delete '{latest}' and resume "
+                    "from it." if len(checkpoints) > 1 else f"Fix: delete '{latest}' and train from the start.")
+        raise IPolicyError(f"`resume`: checkpoint '{latest}' is damaged ({type(error).__name__}: "
+                           f"{str(error).splitlines()[0] if str(error) else ''}). {previous}") from None
     load_optimizer_state(optimizer, tensors, info["optimizer"])
     torch.random.set_rng_state(tensors["torch_rng"])
     version, state, gauss = info["python_rng"]

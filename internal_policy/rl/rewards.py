@@ -11,8 +11,10 @@ import importlib
 import importlib.util
 import logging
 import math
+import re
 import signal
 import threading
+import traceback
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -62,31 +64,77 @@ def outer_timeout(seconds: float):
         signal.signal(signal.SIGALRM, previous)
 
 
+def last_number(prompt: str, response: str, ground_truth: str) -> float:
+    """1.0 when the last integer in the response equals the (integer) ground truth, else 0.0: a reward a small model
+    earns before it learns to write \\boxed{} answers."""
+    numbers = re.findall(r"-?\d+", response.replace(",", ""))
+    try:
+        return float(bool(numbers) and int(numbers[-1]) == int(ground_truth.strip()))
+    except ValueError:  # a ground truth that is not an integer
+        return 0.0
+
+
+def check_answer(answer: str, ground_truth: str) -> tuple[float, str | None]:
+    """math-verify's verdict on a boxed ``answer`` against ``ground_truth``: (1.0 or 0.0, None), or (0.0, why) when the
+    verifier cannot judge (a ground truth it parses to nothing). Runs without math-verify's own signal timeouts: the
+    caller bounds the time."""
+    from math_verify import parse, verify
+
+    gold = parse(f"\\boxed{{{ground_truth}}}", parsing_timeout=None)
+    if not gold:
+        return 0.0, f"the ground truth {ground_truth!r} parses to nothing"
+    predicted = parse(f"\\boxed{{{answer}}}", parsing_timeout=None)
+    return (1.0 if verify(gold, predicted, timeout_seconds=None) else 0.0), None
+
+
 @dataclass
 class MathReward:
-    """1.0 when the last boxed answer is mathematically equivalent to the ground truth, else 0.0."""
+    """1.0 when the last boxed answer is mathematically equivalent to the ground truth, else 0.0.
+
+    Every check is bounded by ``timeout_seconds``: in the main thread by SIGALRM, in any other thread (a data loader,
+    an evaluation pool) in a worker process that is killed on timeout. A check that fails, times out, or meets a
+    ground truth it cannot parse scores 0 and is counted (``failures``) and logged (``failure_log``)."""
 
     timeout_seconds: float = 10.0
     failures: int = 0
     failure_log: list[str] = field(default_factory=list)
+    _worker: object = field(default=None, repr=False)
 
     def __call__(self, prompt: str, response: str, ground_truth: str) -> float:
         answer = last_boxed(response)
         if answer is None:
             return 0.0
-        from math_verify import parse, verify
-
         try:
-            with outer_timeout(self.timeout_seconds):
-                gold = parse(f"\\boxed{{{ground_truth}}}", parsing_timeout=None)
-                predicted = parse(f"\\boxed{{{answer}}}", parsing_timeout=None)
-                return 1.0 if verify(gold, predicted, timeout_seconds=None) else 0.0
+            if threading.current_thread() is threading.main_thread():
+                with outer_timeout(self.timeout_seconds):
+                    value, problem = check_answer(answer, ground_truth)
+            else:
+                value, problem = self._in_worker(answer, ground_truth)
         except Exception as error:  # noqa: BLE001 - any verifier failure is counted and logged, then scored 0
+            value, problem = 0.0, f"{type(error).__name__}: {error}"
+        if problem is not None:
             self.failures += 1
-            message = f"verifier failed on answer {answer!r} vs {ground_truth!r}: {type(error).__name__}: {error}"
+            message = f"verifier failed on answer {answer!r} vs {ground_truth!r}: {problem}"
             self.failure_log.append(message)
             log.warning(message)
-            return 0.0
+        return value
+
+    def _in_worker(self, answer: str, ground_truth: str) -> tuple[float, str | None]:
+        """``check_answer`` in a worker process, killed (and replaced on the next call) when it overruns."""
+        import concurrent.futures
+        import multiprocessing
+
+        if self._worker is None:
+            self._worker = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork"))
+        future = self._worker.submit(check_answer, answer, ground_truth)
+        try:
+            return future.result(timeout=self.timeout_seconds)
+        except concurrent.futures.TimeoutError:
+            for process in list(getattr(self._worker, "_processes", {}).values()):
+                process.kill()
+            self._worker.shutdown(wait=False, cancel_futures=True)
+            self._worker = None
+            raise VerifierTimeout(f"verifier took more than {self.timeout_seconds} s") from None
 
 
 def load_reward(spec: str | RewardFn) -> RewardFn:
@@ -95,6 +143,8 @@ def load_reward(spec: str | RewardFn) -> RewardFn:
         return spec
     if spec == "math":
         return MathReward()
+    if spec == "last-number":
+        return last_number
     target, sep, name = spec.rpartition(":")
     if not sep or not target or not name:
         raise IPolicyError(f"`reward` '{spec}' is not 'math', FILE.py:FUNCTION or module:function. Fix: use one of those forms.")
@@ -119,9 +169,18 @@ def load_reward(spec: str | RewardFn) -> RewardFn:
     return fn
 
 
-def score(fn: RewardFn, prompt: str, response: str, ground_truth: str | None) -> float:
-    """Call a reward function and check that it returned a finite number."""
-    value = fn(prompt, response, "" if ground_truth is None else ground_truth)
+def score(fn: RewardFn, prompt: str, response: str, ground_truth: str | None, where: str = "") -> float:
+    """Call a reward function and check that it returned a finite number. ``where`` names the prompt and response
+    for the message when the function raises: its exception and its own traceback frames (not ipolicy's)."""
+    try:
+        value = fn(prompt, response, "" if ground_truth is None else ground_truth)
+    except Exception as error:  # noqa: BLE001 - the user's code: report it with its own frames
+        package = str(Path(__file__).resolve().parents[1])
+        frames = [f for f in traceback.extract_tb(error.__traceback__) if not f.filename.startswith(package)]
+        raise IPolicyError(
+            f"The reward function raised {type(error).__name__}: {error} {where}. Fix: make it return a float for "
+            "every response (its frames follow).\n" + "".join(traceback.format_list(frames)).rstrip()
+        ) from None
     if not isinstance(value, (int, float)) or not math.isfinite(value):
         raise IPolicyError(
             f"The reward function returned {value!r} ({type(value).__name__}), not a finite number. "

@@ -67,7 +67,8 @@ class RolloutSampler:
         for j, i in enumerate(indices):
             members = slice(j * self.group_size, (j + 1) * self.group_size)
             texts = [self.tokenizer.decode(r, skip_special_tokens=True) for r in responses[members]]
-            rewards = [score(self.reward_fn, self.prompt_texts[i], t, self.samples[i].answer) for t in texts]
+            rewards = [score(self.reward_fn, self.prompt_texts[i], t, self.samples[i].answer,
+                             f"on prompt {i} ('{self.samples[i].id}'), response {k}") for k, t in enumerate(texts)]
             groups.append(Rollout(self.samples[i], self.prompt_ids[i], responses[members], rewards, texts,
                                   entropies[members]))
         return groups

@@ -14,6 +14,7 @@ Outputs: a run folder (``runs.RunFolder``): ``checkpoints/step-N/``, ``metrics.j
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ from ..errors import IPolicyError
 from ..io import atomic_write_text
 from ..lens.states import ResponseForward
 from ..models import LoadedModel, load_model
-from ..runs import RunFolder
+from ..runs import RunFolder, folder_lock
 from .checkpoint import load_checkpoint, save_checkpoint
 from .generation import SamplingConfig, VllmRollouts, vllm_available
 from .rewards import load_reward, score
@@ -57,7 +58,8 @@ class Trainer:
         prompt_texts = [render_prompt(self.tokenizer, s.prompt, chat) for s in self.samples]
         self.prompt_ids = [encode(self.tokenizer, text) for text in prompt_texts]
         self._check_lengths()
-        score(self.reward_fn, prompt_texts[0], "", self.samples[0].answer)  # a bad reward fails here, not mid-run
+        score(self.reward_fn, prompt_texts[0], "", self.samples[0].answer,  # a bad reward fails here, not mid-run
+              f"on prompt 0 ('{self.samples[0].id}') with an empty response, tried before training")
         self.accelerator = self._accelerator()
         self.head = self.loaded.policy_head(temperature=config.temperature)
         model = self.loaded.hf_model
@@ -312,4 +314,7 @@ def train(config: TrainConfig | None = None, *, out: str | Path, resume: bool = 
     from dataclasses import replace
 
     config = replace(config, **options) if config is not None else TrainConfig(**options)
-    return Trainer(config, out, resume=resume).run(progress=progress)
+    if int(os.environ.get("RANK", "0")):  # under `accelerate launch`, the main process holds the folder's lock
+        return Trainer(config, out, resume=resume).run(progress=progress)
+    with folder_lock(out):
+        return Trainer(config, out, resume=resume).run(progress=progress)

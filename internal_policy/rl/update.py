@@ -11,7 +11,7 @@ from torch import Tensor
 from ..errors import IPolicyError
 from ..lens.policy import PolicyHead
 from ..lens.states import LNF
-from .losses import clipped_policy_loss, group_advantages
+from .losses import clipped_policy_loss, group_advantages, loss_normaliser
 from .rollout import Rollout
 
 Rows = list[tuple[list[int], list[int]]]  # (prompt ids, response ids) per sequence
@@ -67,7 +67,7 @@ class PolicyUpdate:
                     stats: dict) -> None:
         """Accumulate the gradient of the mini-batch ``mini_rows`` micro-batch by micro-batch, then one optimiser step."""
         c = self.config
-        normaliser = self._token_normaliser(sum(len(rows[r][1]) for r in mini_rows))
+        total_tokens, total_sequences = self._mini_batch_size(sum(len(rows[r][1]) for r in mini_rows), len(mini_rows))
         for start in range(0, len(mini_rows), c.micro_batch_size):
             chosen = mini_rows[start : start + c.micro_batch_size]
             chunk = [rows[r] for r in chosen]
@@ -80,8 +80,10 @@ class PolicyUpdate:
             old_logp = torch.cat([old[r]["logp"] for r in chosen])
             ref = torch.cat([old[r]["ref"] for r in chosen]) if self.reference is not None else None
             advantages = torch.cat([torch.full((len(rows[r][1]),), row_advantage[r]) for r in chosen]).to(logp.device)
+            normaliser = loss_normaliser([len(rows[r][1]) for r in chosen], c.loss_agg_mode, total_tokens,
+                                         total_sequences).to(logp.device)
             terms = clipped_policy_loss(logp, old_logp, advantages, normaliser, c.clip_low, c.clip_high, ref, c.kl_coef,
-                                        entropy, c.entropy_coef)
+                                        entropy, c.entropy_coef, c.clip_ratio_c)
             self.accelerator.backward(terms.loss)
             stats["clip_frac"].append(terms.clip_frac)
             stats["approx_kl"].append(terms.approx_kl)
@@ -120,13 +122,15 @@ class PolicyUpdate:
     def _targets(self, rows: Rows) -> Tensor:
         return torch.tensor([t for _, r in rows for t in r], device=self.accelerator.device)
 
-    def _token_normaliser(self, local_tokens: int) -> float:
-        """The loss divisor that makes the update the token mean over the whole mini-batch: with P processes, DDP
-        averages the P gradients, so each divides its token sum by (all processes' tokens) / P."""
+    def _mini_batch_size(self, local_tokens: int, local_sequences: int) -> tuple[float, float]:
+        """The mini-batch's tokens and responses as the loss divides by them: with P processes, DDP averages the P
+        gradients, so each process divides by (all processes' count) / P, which makes the update exactly the mean
+        over the whole mini-batch."""
         if self.accelerator.num_processes == 1:
-            return max(1, local_tokens)
-        total = self.accelerator.reduce(torch.tensor(float(local_tokens), device=self.accelerator.device), "sum")
-        return max(1.0, float(total)) / self.accelerator.num_processes
+            return float(local_tokens), float(local_sequences)
+        local = torch.tensor([float(local_tokens), float(local_sequences)], device=self.accelerator.device)
+        tokens, sequences = (self.accelerator.reduce(local, "sum") / self.accelerator.num_processes).tolist()
+        return tokens, sequences
 
     @torch.no_grad()
     def _sampling_entropy(self, groups: list[Rollout], rows: Rows) -> float:
@@ -151,8 +155,9 @@ class PolicyUpdate:
         for start in range(0, len(rows), micro):
             chosen = list(range(start, min(len(rows), start + micro)))
             chunk = [rows[r] for r in chosen]
-            phase, states = self._phase_states(forward, chunk, layer, keep={self.monitor_layer})
-            logp = self.head.log_probs(phase, self._targets(chunk))
+            with self.accelerator.autocast():  # the precision of the training forward, so an unchanged model gives r = 1
+                phase, states = self._phase_states(forward, chunk, layer, keep={self.monitor_layer})
+                logp = self.head.log_probs(phase, self._targets(chunk))
             old.update(self._split(chosen, rows, self._before_update(chunk, layer, logp, states)))
         return old
 
@@ -178,6 +183,6 @@ class PolicyUpdate:
         """log-probs of the frozen base model's policy of the same phase (for the KL penalty), or None."""
         if self.reference is None:
             return None
-        with self.accelerator.autocast():  # the precision of the policy's forward
+        with self.accelerator.autocast():  # the precision of the policy's forward and readout
             states, _ = self._phase_states(self.reference, rows, layer)
-        return self.head.log_probs(states, self._targets(rows))
+            return self.head.log_probs(states, self._targets(rows))
