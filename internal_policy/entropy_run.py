@@ -274,7 +274,7 @@ def _compare(models: list[str], config: EntropyConfig, out: Path | None, overwri
     tables: dict[str, list[pd.DataFrame]] = {"summary": [], "tokens": [], "refinement": []}
     results = []
     for i, (label, step, model) in enumerate(targets):
-        sub_out = out / "checkpoints" / f"{i:02d}-{label}" if out is not None else None
+        sub_out = EntropyFolder.model_subfolder(out, i, label) if out is not None else None
         sub_config = replace(config, model=model)
         if i > 0 and out is not None:  # the first model's responses, analysed as given (and fingerprinted as such)
             sub_config = replace(sub_config, data=str(out / "samples.jsonl"), limit=None, samples=1)

@@ -216,6 +216,11 @@ class EntropyFolder(ResultsFolder):
         atomic_write(self.out / "tokens.parquet", lambda tmp: pq.write_table(table, tmp))
         return table.to_pandas()
 
+    @staticmethod
+    def model_subfolder(out: Path, index: int, label: str) -> Path:
+        """Across checkpoints: the entropy folder of the ``index``-th model (labelled ``label``) under ``out``."""
+        return Path(out) / "checkpoints" / f"{index:02d}-{label}"
+
     def finish(self, summary: pd.DataFrame, manifest: dict, refinement: pd.DataFrame | None = None) -> None:
         atomic_write(self.out / "summary.csv", lambda tmp: summary.to_csv(tmp, index=False, float_format="%.6g"))
         if refinement is not None:

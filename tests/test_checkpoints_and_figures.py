@@ -1,6 +1,8 @@
 """Entropy across training checkpoints, feature refinement, and `ipolicy figures`."""
 
 import json
+import re
+from pathlib import Path
 
 import matplotlib.image
 import pandas as pd
@@ -133,3 +135,24 @@ def test_resume_never_unpickles_a_trainer_state(bupo_run, tmp_path):
                      "--prompts-per-step", "2", "--group-size", "4", "--max-new-tokens", "8", "--out", run, "--resume", "-q")
     assert result.exit_code == 2 and "never loaded" in result.output, result.output
     assert not marker.exists()
+
+
+def test_every_output_column_is_defined_in_the_definitions_page(bupo_run, across_checkpoints, tmp_path):
+    """docs/definitions.md names every column of summary.csv, tokens.parquet, refinement.csv, metrics.jsonl and the
+    eval tables, and every manifest key."""
+    page = (Path(__file__).parents[1] / "docs" / "definitions.md").read_text()
+    evaluation = tmp_path / "eval"
+    assert run_cli("eval", "--model", bupo_run / "checkpoints" / "step-3", "--data", bupo_run.parent / "prompts.jsonl",
+                   "--reward", f"{bupo_run.parent / 'rewards.py'}:fn", "--n", "2", "--k", "2", "--max-new-tokens", "4",
+                   "-o", evaluation, "-q").exit_code == 0
+    names = set(pd.read_csv(across_checkpoints / "summary.csv").columns)
+    names |= set(pd.read_parquet(across_checkpoints / "tokens.parquet").columns)
+    names |= set(pd.read_csv(across_checkpoints / "refinement.csv").columns)
+    names |= set(json.loads((bupo_run / "metrics.jsonl").read_text().splitlines()[0]))
+    names |= set(pd.read_csv(evaluation / "problems.csv").columns) | set(pd.read_csv(evaluation / "summary.csv").columns)
+    names |= set(pd.read_json(next((evaluation / "responses").glob("*.jsonl")), lines=True).columns)
+    single = json.loads((across_checkpoints / "checkpoints" / "00-run-step-0" / "manifest.json").read_text())
+    names |= set(single) | set(single["timings"])
+    generic = lambda n: re.sub(r"^avg@\d+$", "avg@n", re.sub(r"^pass@\d+$", "pass@k", n))  # noqa: E731
+    missing = sorted(n for n in names if f"`{generic(n)}`" not in page)
+    assert not missing, f"not defined in docs/definitions.md: {missing}"
