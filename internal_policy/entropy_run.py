@@ -7,6 +7,7 @@ kept in memory or, with ``out``, written to ``out/.partial/`` so that an interru
 
 from __future__ import annotations
 
+import json
 import platform
 import shutil
 import time
@@ -74,6 +75,18 @@ class EntropyResult:
             raise IPolicyError("plot_dynamics needs results across checkpoints. Fix: analyse a training run folder.")
         return figures.entropy_dynamics(self.summary)
 
+    @classmethod
+    def load(cls, out: str | Path) -> "EntropyResult":
+        """The result of a finished run, read back from its folder."""
+        out = Path(out)
+        if not (out / "manifest.json").is_file():
+            raise IPolicyError(f"'{out}' holds no finished entropy run (no manifest.json). Fix: run `analyse` into it.")
+        manifest = json.loads((out / "manifest.json").read_text())
+        refinement = pd.read_csv(out / "refinement.csv") if (out / "refinement.csv").is_file() else None
+        boundary = manifest.get("boundary_layer", manifest.get("checkpoints", [{}])[-1].get("boundary_layer"))
+        return cls(pd.read_csv(out / "summary.csv"), boundary, manifest, read_jsonl_samples(out / "samples.jsonl"),
+                   pd.read_parquet(out / "tokens.parquet"), refinement, out)
+
     def plot_refinement(self):
         """The paper's Fig. 5: cos(h_k, h_j) and KL(pi(h_k) || pi(h_j)) against the higher layer j."""
         if self.refinement is None:
@@ -90,7 +103,7 @@ class _InMemory:
     def done_sample_indices(self) -> set[int]:
         return set()
 
-    def add_shard(self, table: pd.DataFrame) -> None:
+    def add_shard(self, table: pd.DataFrame, process: int | None = None) -> None:
         self.shards.append(table)
 
     def combine_tokens(self) -> pd.DataFrame:
@@ -112,12 +125,65 @@ def analyse(config: EntropyConfig | None = None, *, out: str | Path | None = Non
         return compare([config.model], config, out=out, overwrite=overwrite, progress=progress, samples=samples)
     if out is None:
         return _analyse(config, _InMemory(), progress, samples, loaded)
+    share = _Share.of_launch(config.device)
+    if share.processes > 1:  # under `accelerate launch`: the main process holds the lock and merges
+        return _analyse_shared(config, Path(out), overwrite, progress, samples, share)
     with folder_lock(out):  # one writer per folder
         return _analyse(config, EntropyFolder(Path(out), config.fingerprint(), overwrite), progress, samples, loaded)
 
 
+@dataclass
+class _Share:
+    """This process's share of a data-parallel run (``accelerate launch``): samples i with i % processes == index."""
+
+    index: int = 0
+    processes: int = 1
+    state: object = None
+
+    @classmethod
+    def of_launch(cls, device: str) -> "_Share":
+        import os
+
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return cls()
+        from accelerate import PartialState
+
+        state = PartialState(cpu=device == "cpu" or not __import__("torch").cuda.is_available())
+        return cls(state.process_index, state.num_processes, state)
+
+    def mine(self, indices: list[int]) -> list[int]:
+        return [i for i in indices if i % self.processes == self.index]
+
+    def wait(self) -> None:
+        if self.state is not None:
+            self.state.wait_for_everyone()
+
+
+def _analyse_shared(config: EntropyConfig, out: Path, overwrite: bool, progress: bool, samples, share: _Share):
+    """Data-parallel: the main process prepares the folder and the responses (samples.jsonl), every process analyses
+    its share of the samples into the shared shard folder, and the main process merges them and writes the results;
+    every process returns the merged result. Resume works per process: finished shards are skipped by all."""
+    device = f"cuda:{share.state.local_process_index}" if "cuda" in str(share.state.device) else "cpu"
+    config = replace(config, device=device)
+    if share.index == 0:
+        with folder_lock(out):
+            sink = EntropyFolder(out, config.fingerprint(), overwrite)
+            _, loaded = _responses_and_model(config, sink, samples, None, progress, {})  # responses once, saved
+            share.wait()  # samples.jsonl is written
+            _analyse(config, sink, progress, None, loaded, share)  # waits for every share, then merges
+            share.wait()  # the results are written
+    else:
+        share.wait()
+        _analyse(config, EntropyFolder(out, config.fingerprint()), progress, None, None, share)
+        share.wait()
+    return EntropyResult.load(out)
+
+
 def _analyse(config: EntropyConfig, sink, progress: bool, samples: list[Sample] | None,
-             loaded: LoadedModel | None) -> EntropyResult:
+             loaded: LoadedModel | None, share: _Share | None = None) -> EntropyResult | None:
+    """The run itself. With a ``share`` of a data-parallel run, this process analyses its samples only, and only the
+    main process (after everyone's shards are written) merges and writes the results; the others return None."""
+    share = share or _Share()
     out = sink.out if isinstance(sink, EntropyFolder) else None
     started = time.perf_counter()
     timings: dict[str, float] = {}
@@ -127,15 +193,19 @@ def _analyse(config: EntropyConfig, sink, progress: bool, samples: list[Sample] 
     engine = EntropyEngine(loaded, EngineConfig(norm_mode=config.norm_mode, fast=config.fast,
                                                 batch_tokens=config.batch_tokens))
     t = time.perf_counter()
-    _analyse_batches(engine, tokenized, sink, config.norm_mode, progress)
+    _analyse_batches(engine, tokenized, sink, config.norm_mode, progress, share)
     timings["analyse_s"] = time.perf_counter() - t
+    if share.processes > 1:
+        share.wait()  # every process's shards are written
+        if share.index != 0:
+            return None
     refinement = feature_refinement(engine, tokenized, config.refine_layer) if config.refine_layer else None
     tokens = sink.combine_tokens()
     summary = summarize(tokens)
     summary.insert(6, "norm_mode", config.norm_mode)
     boundary = boundary_layer(summary, config.boundary_tolerance)
     timings["total_s"] = time.perf_counter() - started
-    manifest = _manifest(config, loaded, engine, samples, summary, boundary, timings)
+    manifest = {**_manifest(config, loaded, engine, samples, summary, boundary, timings), "processes": share.processes}
     result = EntropyResult(summary, boundary, manifest, samples, tokens, refinement, out)
     if out is not None:
         sink.finish(summary, manifest, refinement)
@@ -202,16 +272,17 @@ def _check_lengths(tokenizer, context: int | None, samples: list[Sample], max_ne
                 )
 
 
-def _analyse_batches(engine, tokenized, sink, norm_mode: str, progress: bool) -> None:
-    """Analyse every sample not yet in ``sink``, one length-sorted batch at a time, each batch one shard."""
+def _analyse_batches(engine, tokenized, sink, norm_mode: str, progress: bool, share: _Share) -> None:
+    """Analyse every sample (of this process's share) not yet in ``sink``, one length-sorted batch at a time, each
+    batch one shard."""
     done = sink.done_sample_indices()
-    todo = [i for i in range(len(tokenized)) if i not in done]
+    todo = share.mine([i for i in range(len(tokenized)) if i not in done])
     with tqdm(total=len(tokenized), initial=len(done), desc="analysing", unit="sample", disable=not progress) as bar:
         for batch in engine.batches([tokenized[i] for i in todo]):
             indices = [todo[i] for i in batch]
             table = engine.analyse([tokenized[i] for i in indices], sample_index=indices)
             table["norm_mode"] = norm_mode
-            sink.add_shard(table)
+            sink.add_shard(table, share.index if share.processes > 1 else None)
             bar.update(len(indices))
 
 

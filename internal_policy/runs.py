@@ -194,10 +194,12 @@ class EntropyFolder(ResultsFolder):
             done |= indices
         return {int(i) for i in done}
 
-    def add_shard(self, table: pd.DataFrame) -> None:
+    def add_shard(self, table: pd.DataFrame, process: int | None = None) -> None:
+        """Write one finished batch; ``process``: this process's index in a data-parallel run (its own shard names)."""
         self.start()
         first = int(table["sample_index"].min())
-        name = f"batch-{len(self._shards()):05d}-{first:06d}.parquet"
+        prefix = "batch-" if process is None else f"batch-p{process:03d}-"
+        name = f"{prefix}{len(list(self.partial.glob(prefix + '[0-9]*.parquet'))):05d}-{first:06d}.parquet"
         arrow = pa.Table.from_pandas(table, preserve_index=False)
         arrow = arrow.replace_schema_metadata({**(arrow.schema.metadata or {}), FINGERPRINT_KEY: self._fingerprint_hash})
         atomic_write(self.partial / name, lambda tmp: pq.write_table(arrow, tmp))

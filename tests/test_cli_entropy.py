@@ -180,3 +180,31 @@ def test_vllm_rollouts_give_the_transformers_responses_when_greedy(tmp_path, mon
     assert read("transformers") == read("vllm")
     summaries = [pd.read_csv(tmp_path / engine / "summary.csv") for engine in ("transformers", "vllm")]
     pd.testing.assert_frame_equal(*summaries)
+
+
+def test_two_processes_under_accelerate_launch_equal_one(tiny_llama, rows_file, tmp_path):
+    """Data-parallel entropy: `accelerate launch` with two CPU processes (gloo) splits the samples, each writes its
+    shards, the main process merges; the tables equal a single-process run's. A rerun of the finished folder
+    recomputes nothing."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    single = tmp_path / "single"
+    assert run_cli("entropy", "-m", tiny_llama, "-d", rows_file, "-o", single, "-q", "--batch-tokens", "40").exit_code == 0
+    shared = tmp_path / "shared"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "cli.main", "entropy",
+               "-m", str(tiny_llama), "-d", str(rows_file), "-o", str(shared), "-q", "--batch-tokens", "40",
+               "--device", "cpu"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[1])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("Boundary layer") == 2  # both processes print the merged result
+    key = ["sample_index", "layer", "module", "position"]
+    a, b = (pd.read_parquet(f / "tokens.parquet").sort_values(key).reset_index(drop=True) for f in (single, shared))
+    pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=0, atol=1e-5)
+    pd.testing.assert_frame_equal(pd.read_csv(single / "summary.csv"), pd.read_csv(shared / "summary.csv"),
+                                  check_exact=False, rtol=0, atol=1e-5)
+    manifest = json.loads((shared / "manifest.json").read_text())
+    assert manifest["n_samples"] == 5 and manifest["processes"] == 2 and not (shared / ".partial").exists()
+    assert json.loads((single / "manifest.json").read_text())["processes"] == 1
