@@ -38,6 +38,15 @@ def option(default: Any = None, help: str = "", *, short: str | None = None, fla
     return field(default=default, metadata=metadata)
 
 
+LADDER_TASKS = ("add-sub-1", "add-sub-2", "mul-1")
+
+
+def default_reward(data: str) -> str:
+    """The reward ``auto`` stands for: ``last-number`` on the built-in arithmetic tasks (the ladder and
+    ``arithmetic``), where a small model earns it before it writes \\boxed{} answers; ``math`` on everything else."""
+    return "last-number" if data.partition(":")[0] in (BUILTIN_ARITHMETIC, *LADDER_TASKS) else "math"
+
+
 def _check(ok: bool, message: str) -> None:
     """Parameters are named in backticks (`max_new_tokens`); the CLI shows them as flags (--max-new-tokens)."""
     if not ok:
@@ -148,9 +157,11 @@ class TrainConfig:
     data: str = option(BUILTIN_ARITHMETIC, "Training prompts with ground truths: 'arithmetic', a built-in benchmark "
                        "(e.g. deepmath-5k), .jsonl/.parquet (verl layout or prompt + answer), or a Hub dataset.", short="d")
     data_limit: int | None = option(None, "Use only the first N rows (built-in task: N problems, default 8).")
-    reward: str | Callable = option("math", "'math' (last \\boxed{} vs ground truth, math-verify), FILE.py:FUNCTION or "
-                                    "module:function called as fn(prompt, response, ground_truth) -> float (from "
-                                    "Python also the function itself).", cli_type=str)
+    reward: str | Callable = option("auto", "'math' (last \\boxed{} vs ground truth, math-verify), 'last-number' (the "
+                                    "last integer of the response is the answer), FILE.py:FUNCTION or module:function "
+                                    "called as fn(prompt, response, ground_truth) -> float (from Python also the "
+                                    "function itself); 'auto': last-number on the built-in arithmetic tasks, else "
+                                    "math.", cli_type=str)
     chat_template_kwargs: str | None = option(None, "JSON object passed to the chat template, e.g. "
                                               "'{\"enable_thinking\": false}' (Qwen3 non-thinking, as the paper).")
     # GRPO by default; `ipolicy train-bupo` defaults to internal_layer="auto", internal_steps=2
@@ -204,6 +215,8 @@ class TrainConfig:
             self.internal_layer = int(self.internal_layer)
         if not self.internal_steps:
             self.internal_layer = None  # GRPO: no internal phase, so no layer K
+        if self.reward == "auto":
+            self.reward = default_reward(self.data)
         _at_least(self, 1, "steps", "prompts_per_step", "micro_batch_size", "ppo_epochs", "max_new_tokens", "save_every",
                   "data_limit", "monitor_layer", "mini_batch_prompts")
         _at_least(self, 2, "group_size")
@@ -246,7 +259,8 @@ class EvalConfig:
     max_new_tokens: int = option(1024, "Response length limit.")
     temperature: float = option(1.0, "Sampling temperature (0 = greedy).")
     top_p: float = option(1.0, "Sampling top-p.")
-    reward: str = option("math", "'math' or FILE.py:FUNCTION; a response is correct when it scores >= 1.")
+    reward: str = option("auto", "'math', 'last-number', FILE.py:FUNCTION, or 'auto' (last-number on the built-in "
+                         "arithmetic tasks, math on the others, per dataset); a response is correct when it scores >= 1.")
     chat_template_kwargs: str | None = option(None, "JSON object passed to the chat template, e.g. "
                                               "'{\"enable_thinking\": false}'.")
     seed: int = option(0, "Sampling seed.")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .config import EvalConfig, parse_chat_template_kwargs
+from .config import EvalConfig, default_reward, parse_chat_template_kwargs
 from .data import encode, load_samples, render_prompt
 from .errors import IPolicyError
 from .models import load_model, model_files
@@ -52,10 +52,11 @@ def evaluate(config: EvalConfig | None = None, *, out: str | Path, progress: boo
 
 
 def _evaluate(config: EvalConfig, folder: EvalFolder, progress: bool) -> pd.DataFrame:
-    reward_fn = load_reward(config.reward)
     data = {d: load_samples(d, limit=config.limit, seed=config.seed) for d in config.datasets}
+    rewards = {d: default_reward(d) if config.reward == "auto" else config.reward for d in data}
+    reward_fns = {spec: load_reward(spec) for spec in set(rewards.values())}
     for name, samples in data.items():
-        if config.reward == "math" and any(s.answer is None for s in samples):
+        if rewards[name] == "math" and any(s.answer is None for s in samples):
             raise IPolicyError(f"Dataset '{name}' has rows without a ground truth. Fix: add answers or use a custom "
                                "`reward` (FILE.py:FUNCTION).")
     targets = _model_labels(config.models)
@@ -74,7 +75,7 @@ def _evaluate(config: EvalConfig, folder: EvalFolder, progress: bool) -> pd.Data
             tokenizer = loaded.tokenizer
             generate = lambda ids, n: sample_responses(loaded, ids, sampling, n, progress)  # noqa: E731
         for name in todo:
-            rows = _sample_and_score(tokenizer, generate, data[name], config.n, reward_fn, chat)
+            rows = _sample_and_score(tokenizer, generate, data[name], config.n, reward_fns[rewards[name]], chat)
             folder.write_responses(folder.responses_path(label, name),
                                    [{"model": label, "dataset": name, **r} for r in rows])
 
@@ -82,7 +83,8 @@ def _evaluate(config: EvalConfig, folder: EvalFolder, progress: bool) -> pd.Data
     responses = pd.DataFrame([json.loads(line) for path in paths for line in path.read_text().splitlines()])
     problems, summary = _score_tables(responses, config)
     folder.finish(problems, summary, {"config": config.__dict__, "results": summary.to_dict("records"),
-                                      "verifier_failures": getattr(reward_fn, "failures", 0)})
+                                      "rewards": rewards,
+                                      "verifier_failures": sum(getattr(f, "failures", 0) for f in reward_fns.values())})
     return summary
 
 

@@ -131,3 +131,10 @@ def test_the_task_ladder_is_seeded_correct_and_never_shows_held_out_problems():
         assert eval(f"{a} {op} {b}") == int(s.answer)  # noqa: S307 - our own generated expressions
     assert last_number("", "6 - 3 = 3, so the answer is 3.", "3") == 1.0
     assert last_number("", "The answer is 30", "3") == 0.0 and last_number("", "no number", "3") == 0.0
+
+
+def test_the_auto_reward_is_last_number_on_builtin_arithmetic_and_math_elsewhere():
+    assert ip.TrainConfig(data="add-sub-1").reward == "last-number"
+    assert ip.TrainConfig(data="arithmetic").reward == "last-number"
+    assert ip.TrainConfig(data="math500").reward == "math"
+    assert ip.TrainConfig(data="add-sub-1", reward="math").reward == "math"
