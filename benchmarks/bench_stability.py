@@ -48,6 +48,8 @@ def run_and_sample(command: list[str], progress) -> list[dict]:
             rss = process.memory_info().rss / 1e9
         except psutil.NoSuchProcess:
             break
+        if rss == 0:  # the process has exited (a zombie reads 0)
+            break
         curve.append({"seconds": time.perf_counter() - started, "rss_gb": rss, "progress": progress()})
         time.sleep(0.2)
     if child.wait() != 0:
@@ -61,14 +63,21 @@ def entropy_run(samples: int, work: Path) -> dict:
             for s in load_samples("math500", limit=samples)]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = work / "entropy"
+
+    def progress():  # finished batches while they are shards; -1 once merged (.partial removed at the end)
+        shards = len(list((out / ".partial").glob("batch-*.parquet")))
+        return -1 if shards == 0 and (out / "tokens.parquet").is_file() else shards
+
     curve = run_and_sample([sys.executable, "-m", "cli.main", "entropy", "--data", str(data), "--out", str(out),
-                            "--fast", "--batch-tokens", "1024", "-q"],
-                           lambda: len(list((out / ".partial").glob("batch-*.parquet"))))
+                            "--fast", "--batch-tokens", "1024", "-q"], progress)
     batches = max(point["progress"] for point in curve)
     early = max(p["rss_gb"] for p in curve if 1 <= p["progress"] <= 3)
+    during = max(p["rss_gb"] for p in curve if p["progress"] >= 1)  # the analysis and the merge of its shards
     final = max(p["rss_gb"] for p in curve)
-    return {"samples": samples, "batches": batches, "peak_rss_after_3_batches_gb": early, "peak_rss_gb": final,
-            "growth_after_first_batches": final / early - 1, "seconds": curve[-1]["seconds"], "curve": curve}
+    return {"samples": samples, "batches": batches, "peak_rss_after_3_batches_gb": early,
+            "peak_rss_over_all_batches_gb": max(p["rss_gb"] for p in curve if 1 <= p["progress"] < batches),
+            "peak_rss_gb": final, "growth_after_first_batches": final / early - 1, "peak_until_merged_gb": during,
+            "seconds": curve[-1]["seconds"], "curve": curve}
 
 
 def training_run(steps: int, work: Path) -> dict:
@@ -100,8 +109,8 @@ def plot(results: dict, path: Path) -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.6))
     entropy = results["entropy"]["curve"]
-    left.plot([p["progress"] for p in entropy], [p["rss_gb"] for p in entropy], ".", markersize=2)
-    left.set(xlabel="finished batches", ylabel="RSS (GB)",
+    left.plot([p["seconds"] for p in entropy], [p["rss_gb"] for p in entropy], "-", linewidth=1)
+    left.set(xlabel="seconds (model load, the batches, then the merge)", ylabel="RSS (GB)",
              title=f"ipolicy entropy, {results['entropy']['samples']} samples (--fast)")
     steps = results["training"]["rss_after_step_gb"]
     right.plot([int(s) for s in steps], list(steps.values()), "o-", markersize=3)
@@ -118,15 +127,21 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=300)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "stability.json")
+    parser.add_argument("--parts", default="entropy,training", help="which runs (a previous result keeps the others)")
     args = parser.parse_args()
+    results = json.loads(args.out.read_text()) if args.out.is_file() else {}
     with tempfile.TemporaryDirectory() as work:
-        results = {"entropy": entropy_run(args.samples, Path(work)), "training": training_run(args.steps, Path(work))}
+        if "entropy" in args.parts:
+            results["entropy"] = entropy_run(args.samples, Path(work))
+        if "training" in args.parts:
+            results["training"] = training_run(args.steps, Path(work))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1))
     plot(results, args.out.with_suffix(".png"))
     e, t = results["entropy"], results["training"]
     print(f"entropy: {e['batches']} batches, peak RSS {e['peak_rss_after_3_batches_gb']:.3f} GB after 3 batches, "
-          f"{e['peak_rss_gb']:.3f} GB at the end ({100 * e['growth_after_first_batches']:+.1f} %)")
+          f"{e['peak_rss_over_all_batches_gb']:.3f} GB over all batches, {e['peak_rss_gb']:.3f} GB with the final "
+          f"merge ({100 * e['growth_after_first_batches']:+.1f} %)")
     print(f"training: {t['steps']} steps, RSS {t['rss_range_after_warmup_gb']} GB after step 5, slope "
           f"{t['slope_mb_per_step_after_warmup']:+.2f} MB/step")
 

@@ -205,18 +205,19 @@ class EntropyFolder(ResultsFolder):
         atomic_write(self.partial / name, lambda tmp: pq.write_table(arrow, tmp))
 
     def combine_tokens(self) -> pd.DataFrame:
-        """Merge the shards (and a previous complete tokens.parquet) into tokens.parquet; return the table."""
+        """Merge the shards (and a previous complete tokens.parquet) into tokens.parquet; return the table. Arrow
+        buffers are released as they are converted, so the merge holds about one copy of the table."""
         self._shard_samples()  # every shard readable, of this run, and no sample twice
         tables = [self._read_shard(path) for path in self._shards()]
         if (self.out / "tokens.parquet").is_file() and self.manifest.is_file():
             tables = [pq.read_table(self.out / "tokens.parquet"), *tables]
         if not tables:
             raise IPolicyError(f"No results in '{self.out}'. Fix: rerun the analysis.")
-        table = pa.concat_tables(tables, promote_options="default").sort_by(
-            [("sample_index", "ascending"), ("layer", "ascending"), ("position", "ascending")]
-        )
+        table = pa.concat_tables(tables, promote_options="default")
+        del tables
+        table = table.sort_by([("sample_index", "ascending"), ("layer", "ascending"), ("position", "ascending")])
         atomic_write(self.out / "tokens.parquet", lambda tmp: pq.write_table(table, tmp))
-        return table.to_pandas()
+        return table.to_pandas(split_blocks=True, self_destruct=True)
 
     @staticmethod
     def model_subfolder(out: Path, index: int, label: str) -> Path:
