@@ -11,7 +11,6 @@ import pytest
 
 import internal_policy as ip
 from cli_helpers import run_cli
-from conftest import ROWS
 from internal_policy.data import render_prompt
 from internal_policy.stats import boundary_layer
 from tiny_models import save_tiny_model

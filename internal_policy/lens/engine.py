@@ -32,7 +32,6 @@ from ..models import LoadedModel
 from .policy import NormMode, PolicyHead
 from .states import BridgeStates, policy_state_key
 
-from ..stats import MODULES
 
 
 @dataclass

@@ -19,7 +19,6 @@ from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from ..data import Sample, encode, render_prompt
-from ..errors import IPolicyError
 from ..models import LoadedModel
 from ..lens.policy import entropy_from_logits
 from ..lens.states import cache_keyword, pad_rows
