@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -36,20 +37,23 @@ HELD_OUT = "add-sub-1:test"
 
 
 def train(runs: Path, name: str, steps: int, seed: int, **bupo) -> Path:
-    """One training run (resumed if interrupted, skipped if done); returns its folder."""
-    out = runs / name
-    if ip.RunFolder(out).checkpoints() and ip.RunFolder(out).checkpoints()[-1].name == f"step-{steps}":
+    """One training run (resumed from its last checkpoint if interrupted, skipped if done); returns its folder."""
+    out, run = runs / name, ip.RunFolder(runs / name)
+    if run.checkpoints() and run.checkpoints()[-1].name == f"step-{steps}":
         return out
-    config = ip.TrainConfig(**RECIPE, steps=steps, seed=seed, save_every=steps, **bupo)
-    ip.train(config, out=out, resume=ip.RunFolder(out).is_run(), progress=True)
+    if run.is_run() and not run.checkpoints():  # interrupted before its first checkpoint: start it again
+        shutil.rmtree(out)
+    config = ip.TrainConfig(**RECIPE, steps=steps, seed=seed, save_every=max(1, steps // 2), **bupo)
+    ip.train(config, out=out, resume=run.is_run(), progress=True)
     return out
 
 
-def evaluate(runs: Path, models: list[str], name: str) -> pd.DataFrame:
-    """Per-problem accuracy (Avg@4 terms) of every model on the held-out problems; resumes."""
-    ip.evaluate(models=models, datasets=[HELD_OUT], n=4, k=(1, 4), max_new_tokens=32, reward="last-number",
+def evaluate(runs: Path, model: str, name: str) -> np.ndarray:
+    """Per-problem accuracy (the terms of Avg@4) of one model on the held-out problems, in problem order; an
+    evaluation already in ``runs/eval/name`` is reused."""
+    ip.evaluate(models=[model], datasets=[HELD_OUT], n=4, k=(1, 4), max_new_tokens=32, reward="last-number",
                 out=runs / "eval" / name)
-    return pd.read_csv(runs / "eval" / name / "problems.csv")
+    return pd.read_csv(runs / "eval" / name / "problems.csv").sort_values("problem")["accuracy"].to_numpy()
 
 
 def bootstrap(values: np.ndarray, draws: int = 10_000, seed: int = 0) -> tuple[float, float, float]:
@@ -65,25 +69,23 @@ def bootstrap(values: np.ndarray, draws: int = 10_000, seed: int = 0) -> tuple[f
     return float(values.mean()), float(low), float(high)
 
 
-def accuracy(problems: pd.DataFrame, model_label: str) -> np.ndarray:
-    part = problems[problems["model"] == model_label].sort_values("problem")
-    return part["accuracy"].to_numpy()
-
-
 def learn(runs: Path, steps: int) -> dict:
     run = train(runs, "learn-grpo-seed1", steps, seed=1)
-    problems = evaluate(runs, ["smollm2-135m-instruct", str(run / "checkpoints" / f"step-{steps}")], "learn")
-    base, trained = (accuracy(problems, label) for label in sorted(problems["model"].unique(), key=lambda m: "step" in m))
+    base = evaluate(runs, "smollm2-135m-instruct", "base")
+    trained = evaluate(runs, str(run / "checkpoints" / f"step-{steps}"), "learn-grpo-seed1")
     return {"steps": steps, "base_avg@4": bootstrap(base), "grpo_avg@4": bootstrap(trained),
             "grpo_minus_base": bootstrap(trained - base)}
 
 
 def compare(runs: Path, steps: int, seeds: int, configs: dict[str, dict]) -> dict:
-    finals = {name: [train(runs, f"{name}-seed{s}", steps, seed=s, **bupo) / "checkpoints" / f"step-{steps}"
-                     for s in range(1, seeds + 1)] for name, bupo in configs.items()}
-    problems = evaluate(runs, [str(p) for paths in finals.values() for p in paths], f"compare-{'-'.join(configs)}")
-    labels = {str(p): f"{p.parent.parent.name}-{p.name}" for paths in finals.values() for p in paths}
-    table = {name: np.stack([accuracy(problems, labels[str(p)]) for p in paths]) for name, paths in finals.items()}
+    """Every configuration for seeds 1..``seeds`` (seed by seed, so that an interrupted stage has complete pairs),
+    each final checkpoint evaluated; returns Avg@4 per configuration and each one's difference to GRPO."""
+    table: dict[str, list[np.ndarray]] = {name: [] for name in configs}
+    for s in range(1, seeds + 1):
+        for name, bupo in configs.items():
+            run = train(runs, f"{name}-seed{s}", steps, seed=s, **bupo)
+            table[name].append(evaluate(runs, str(run / "checkpoints" / f"step-{steps}"), f"{name}-seed{s}"))
+    table = {name: np.stack(rows) for name, rows in table.items()}
     out = {name: {"avg@4": bootstrap(acc), "per_seed": acc.mean(axis=1).tolist()} for name, acc in table.items()}
     grpo = table.pop("grpo", None)
     for name, acc in table.items():
