@@ -14,6 +14,7 @@ import matplotlib.pyplot as plt  # headless, matplotlib picks Agg by itself; in 
 import pandas as pd
 import seaborn as sns
 
+from .errors import IPolicyError
 from .io import atomic_path
 from .runs import RunFolder, folder_lock
 from .stats import boundary_layer
@@ -191,8 +192,6 @@ def figures_from_results(results: list[Path], out: Path, formats: tuple[str, ...
 
 
 def _figures_from_results(results: list[Path], out: Path, formats: tuple[str, ...]) -> list[Path]:
-    from .errors import IPolicyError
-
     written: list[Path] = []
     runs: dict[str, pd.DataFrame] = {}
     for folder in map(Path, results):

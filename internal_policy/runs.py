@@ -15,7 +15,7 @@ Training runs (``ipolicy train-* --out DIR``), ``RunFolder``::
 
     run.json                 base model, configuration, internal layer
     metrics.jsonl            one line per step
-    checkpoints/step-N/      a save_pretrained folder (safetensors, tokenizer) + trainer_state.pt
+    checkpoints/step-N/      a save_pretrained folder (safetensors, tokenizer) + the trainer state (rl/checkpoint.py)
 
 Evaluations (``ipolicy eval --out DIR``), ``EvalFolder``::
 
@@ -258,8 +258,6 @@ class EvalFolder(ResultsFolder):
 
 class RunFolder:
     """A training run: ``run.json``, ``metrics.jsonl`` and ``checkpoints/step-N`` (see the module docstring)."""
-
-    STATE_FILE = "trainer_state.pt"
 
     def __init__(self, path: str | Path):
         self.path = Path(path)

@@ -192,19 +192,19 @@ def test_two_processes_under_accelerate_launch_equal_one(tiny_llama, rows_file, 
 
     single = tmp_path / "single"
     assert run_cli("entropy", "-m", tiny_llama, "-d", rows_file, "-o", single, "-q", "--batch-tokens", "40").exit_code == 0
-    shared = tmp_path / "shared"
+    launched = tmp_path / "two-processes"
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "cli.main", "entropy",
-               "-m", str(tiny_llama), "-d", str(rows_file), "-o", str(shared), "-q", "--batch-tokens", "40",
+               "-m", str(tiny_llama), "-d", str(rows_file), "-o", str(launched), "-q", "--batch-tokens", "40",
                "--device", "cpu"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[1])
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("Boundary layer") == 2  # both processes print the merged result
     key = ["sample_index", "layer", "module", "position"]
-    a, b = (pd.read_parquet(f / "tokens.parquet").sort_values(key).reset_index(drop=True) for f in (single, shared))
+    a, b = (pd.read_parquet(f / "tokens.parquet").sort_values(key).reset_index(drop=True) for f in (single, launched))
     pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=0, atol=1e-5)
-    pd.testing.assert_frame_equal(pd.read_csv(single / "summary.csv"), pd.read_csv(shared / "summary.csv"),
+    pd.testing.assert_frame_equal(pd.read_csv(single / "summary.csv"), pd.read_csv(launched / "summary.csv"),
                                   check_exact=False, rtol=0, atol=1e-5)
-    manifest = json.loads((shared / "manifest.json").read_text())
-    assert manifest["n_samples"] == 5 and manifest["processes"] == 2 and not (shared / ".partial").exists()
+    manifest = json.loads((launched / "manifest.json").read_text())
+    assert manifest["n_samples"] == 5 and manifest["processes"] == 2 and not (launched / ".partial").exists()
     assert json.loads((single / "manifest.json").read_text())["processes"] == 1
