@@ -97,9 +97,9 @@ class EntropyConfig:
     model: str = option(DEFAULT_MODEL, "Hub id (Qwen/Qwen3-4B), local HF folder, .gguf file, the embedded "
                         "'smollm2-135m-instruct', or a training run folder (its base model and every checkpoint). Repeat "
                         "to compare models on the same samples.", short="m", cli_many=True)
-    data: str = option(BUILTIN_ARITHMETIC, "'arithmetic' (built-in, seeded), a built-in benchmark (math500, amc23, aime24, "
-                       "aime25, deepmath-5k), a .jsonl/.parquet file (verl layout or prompt/response/answer rows), or a Hub "
-                       "dataset NAME[:SPLIT].", short="d")
+    data: str = option(BUILTIN_ARITHMETIC, "A built-in task ('arithmetic'; the ladder add-sub-1, add-sub-2, mul-1, held-out "
+                       "NAME:test), a built-in benchmark (math500, amc23, aime24, aime25, deepmath-5k), a .jsonl/.parquet "
+                       "file (verl layout or prompt/response/answer rows), or a Hub dataset NAME[:SPLIT].", short="d")
     limit: int | None = option(None, "Use only the first N rows (built-in task: N prompts, default 8).")
     samples: int = option(1, "Responses generated per prompt (rows without a 'response').")
     max_new_tokens: int = option(64, "Length limit of generated responses, in tokens.")
@@ -254,7 +254,7 @@ class EvalConfig:
     models: tuple[str, ...] = option((DEFAULT_MODEL,), "Model(s) or training run folder(s) (base + every checkpoint); "
                                      "repeat the option.", short="m", flag="--model", repeatable=True)
     datasets: tuple[str, ...] = option((BUILTIN_ARITHMETIC,), "Dataset(s) with ground truths (e.g. math500, amc23, "
-                                       "aime24, aime25, a file); repeat the option.", short="d", flag="--data",
+                                       "aime24, aime25, add-sub-1:test, a file); repeat the option.", short="d", flag="--data",
                                        repeatable=True)
     n: int = option(16, "Responses per problem; Avg@n is their mean accuracy (the paper: 16, 32 for AIME).")
     k: tuple[int, ...] = option((1,), "pass@k values (unbiased estimator, k <= n); repeat the option.", repeatable=True)
