@@ -12,7 +12,13 @@ held-out problems (n = 4, 32 tokens).
            problems)
 * compare: GRPO and BuPO (K = 5 of 30, S = 2) with the same budget, ``--seeds`` seeds each (data order and rollouts
            differ by seed); BuPO - GRPO with a bootstrap interval over seeds and problems.
-* sweep:   BuPO with S in {2, 6} and K in {5, 15}, 3 seeds (S = 0 is GRPO, from compare).
+* sweep:   BuPO with S in {2, 6} and K in {5, 15}, 3 seeds (S = 0 is GRPO and K = 5, S = 2 is BuPO, both from
+           compare).
+* dynamics: GRPO and BuPO (K = 5, S = 2 and S = 6), seed 1, a checkpoint every step; internal policy entropy of every
+           checkpoint on 16 held-out prompts (responses of the base model), with the refinement of layer 5.
+
+A finished run keeps its checkpoints' weights but not their optimizer state (``trainer_state.safetensors``, twice the
+model's size, only needed to resume training): 12 GB instead of 60 for the whole set.
 
 Writes ``figures/experiments.json`` (every number, with its interval) and prints a table. Each run costs about 25 s a
 step here (2-core CPU); on a GPU the same script is dominated by model loading.
@@ -36,15 +42,17 @@ RECIPE = dict(data="add-sub-1", reward="last-number", lr=1e-5, prompts_per_step=
 HELD_OUT = "add-sub-1:test"
 
 
-def train(runs: Path, name: str, steps: int, seed: int, **bupo) -> Path:
-    """One training run (resumed from its last checkpoint if interrupted, skipped if done); returns its folder."""
+def train(runs: Path, name: str, steps: int, seed: int, save_every: int | None = None, **bupo) -> Path:
+    """One training run (resumed from its last checkpoint if interrupted, skipped if done); returns its folder.
+    ``save_every`` defaults to half the steps."""
     out, run = runs / name, ip.RunFolder(runs / name)
-    if run.checkpoints() and run.checkpoints()[-1].name == f"step-{steps}":
-        return out
-    if run.is_run() and not run.checkpoints():  # interrupted before its first checkpoint: start it again
-        shutil.rmtree(out)
-    config = ip.TrainConfig(**RECIPE, steps=steps, seed=seed, save_every=max(1, steps // 2), **bupo)
-    ip.train(config, out=out, resume=run.is_run(), progress=True)
+    if not (run.checkpoints() and run.checkpoints()[-1].name == f"step-{steps}"):
+        if run.is_run() and not run.checkpoints():  # interrupted before its first checkpoint: start it again
+            shutil.rmtree(out)
+        config = ip.TrainConfig(**RECIPE, steps=steps, seed=seed, save_every=save_every or max(1, steps // 2), **bupo)
+        ip.train(config, out=out, resume=run.is_run(), progress=True)
+    for state in out.glob("checkpoints/step-*/trainer_state.safetensors"):  # finished: the optimizer is not needed
+        state.unlink()
     return out
 
 
@@ -77,13 +85,13 @@ def learn(runs: Path, steps: int) -> dict:
             "grpo_minus_base": bootstrap(trained - base)}
 
 
-def compare(runs: Path, steps: int, seeds: int, configs: dict[str, dict]) -> dict:
+def compare(runs: Path, steps: int, seeds: int, configs: dict[str, dict], save_every: int | None = None) -> dict:
     """Every configuration for seeds 1..``seeds`` (seed by seed, so that an interrupted stage has complete pairs),
     each final checkpoint evaluated; returns Avg@4 per configuration and each one's difference to GRPO."""
     table: dict[str, list[np.ndarray]] = {name: [] for name in configs}
     for s in range(1, seeds + 1):
         for name, bupo in configs.items():
-            run = train(runs, f"{name}-seed{s}", steps, seed=s, **bupo)
+            run = train(runs, f"{name}-seed{s}", steps, seed=s, save_every=save_every, **bupo)
             table[name].append(evaluate(runs, str(run / "checkpoints" / f"step-{steps}"), f"{name}-seed{s}"))
     table = {name: np.stack(rows) for name, rows in table.items()}
     out = {name: {"avg@4": bootstrap(acc), "per_seed": acc.mean(axis=1).tolist()} for name, acc in table.items()}
@@ -94,9 +102,21 @@ def compare(runs: Path, steps: int, seeds: int, configs: dict[str, dict]) -> dic
     return out
 
 
+def dynamics(runs: Path, steps: int, configs: dict[str, dict]) -> dict:
+    """Seed-1 runs with a checkpoint every step, and the internal policy entropy of every checkpoint (and of the base
+    model) on the same held-out prompts and base-model responses, with the refinement of layer 5."""
+    out = {}
+    for name, bupo in configs.items():
+        run = train(runs, f"dyn-{name}-seed1", steps, seed=1, save_every=1, **bupo)
+        ip.compare([str(run)], data=HELD_OUT, limit=16, max_new_tokens=32, refine_layer=5,
+                   out=runs / f"dyn-{name}-seed1-entropy", progress=True)
+        out[name] = {"run": run.name, "entropy": f"{run.name}-entropy"}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stage", choices=["learn", "compare", "sweep", "all"], default="all")
+    parser.add_argument("--stage", choices=["learn", "compare", "sweep", "dynamics", "all"], default="all")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "experiments")
@@ -109,9 +129,12 @@ def main() -> None:
         results["compare"] = compare(args.runs, args.steps, args.seeds,
                                      {"grpo": {}, "bupo": dict(internal_layer=5, internal_steps=2)})
     if args.stage in ("sweep", "all"):
-        configs = {"grpo": {}, **{f"bupo-k{k}-s{s}": dict(internal_layer=k, internal_steps=s)
-                                  for k in (5, 15) for s in (2, 6)}}
-        results["sweep"] = compare(args.runs, args.steps, 3, configs)
+        configs = {"grpo": {}, "bupo": dict(internal_layer=5, internal_steps=2),  # "bupo" is K = 5, S = 2
+                   **{f"bupo-k{k}-s{s}": dict(internal_layer=k, internal_steps=s) for k, s in ((5, 6), (15, 2), (15, 6))}}
+        results["sweep"] = compare(args.runs, args.steps, 3, configs, save_every=args.steps)
+    if args.stage in ("dynamics", "all"):
+        results["dynamics"] = dynamics(args.runs, args.steps, {"grpo": {}, "bupo-k5-s2": dict(internal_layer=5, internal_steps=2),
+                                                                "bupo-k5-s6": dict(internal_layer=5, internal_steps=6)})
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
 

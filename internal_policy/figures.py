@@ -112,6 +112,43 @@ def entropy_dynamics(summary: pd.DataFrame, module: str = "layer"):
     return fig
 
 
+@_styled
+def entropy_dynamics_side_by_side(summaries: dict[str, pd.DataFrame], module: str = "layer"):
+    """Fig. 7's comparison: one layer x step heatmap of the layer policies' mean entropy per result (e.g. GRPO and
+    BuPO), on one colour scale, so that equal colours are equal entropies."""
+    grids = {label: s[s["module"] == module].pivot_table(index="layer", columns="step", values="entropy_out_mean")
+             for label, s in summaries.items()}
+    low = min(float(g.min().min()) for g in grids.values())
+    high = max(float(g.max().max()) for g in grids.values())
+    fig, axes = plt.subplots(1, len(grids), figsize=(5.2 * len(grids), 4.2), squeeze=False)
+    for i, (ax, (label, grid)) in enumerate(zip(axes[0], grids.items())):
+        sns.heatmap(grid, ax=ax, cmap="viridis", vmin=low, vmax=high, cbar=i == len(grids) - 1,
+                    cbar_kws={"label": "mean entropy H(h_l) (nats)"})
+        ax.invert_yaxis()
+        ax.set(xlabel="training step", ylabel="layer l" if i == 0 else "", title=label)
+    fig.suptitle("Layer policy entropy across checkpoints (one colour scale)", y=1.02)
+    fig.tight_layout()
+    return fig
+
+
+@_styled
+def internal_layer_dynamics(summaries: dict[str, pd.DataFrame], layer: int):
+    """Fig. 4's view of one layer across checkpoints: the entropy of its layer policy H(h_k) and the entropy change
+    of its attention and FFN (ΔH = H(out) - H(in)), one line per result."""
+    panels = (("layer", "entropy_out_mean", f"H(h_{layer}) (nats)"), ("attn", "delta_mean", f"attention ΔH, layer {layer}"),
+              ("ffn", "delta_mean", f"FFN ΔH, layer {layer}"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
+    for ax, (module, column, label) in zip(axes, panels):
+        for name, summary in summaries.items():
+            rows = summary[(summary["module"] == module) & (summary["layer"] == layer)].sort_values("step")
+            ax.plot(rows["step"], rows[column], marker="o", markersize=3, label=name)
+        ax.set(xlabel="training step", ylabel=label)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"Internal layer {layer} across checkpoints", y=1.02)
+    fig.tight_layout()
+    return fig
+
+
 TRAINING_PANELS = (
     ("reward_mean", "mean reward"),
     ("accuracy", "accuracy"),
@@ -186,7 +223,8 @@ def pass_at_k_curves(problems: pd.DataFrame):
 def figures_from_results(results: list[Path], out: Path, formats: tuple[str, ...] = ("png", "pdf")) -> list[Path]:
     """The paper's figure set from stored results. Each folder is recognised by its files: an entropy result
     (summary.csv; with a step column, across checkpoints; refinement.csv), a training run (metrics.jsonl), or an
-    evaluation (problems.csv). Training runs are drawn together, labelled GRPO/BuPO and seed."""
+    evaluation (problems.csv). Training runs are drawn together, labelled GRPO/BuPO and seed; several
+    across-checkpoint results also side by side; the layer of a refinement, across checkpoints, per result."""
     with folder_lock(out):
         return _figures_from_results(results, Path(out), formats)
 
@@ -194,19 +232,24 @@ def figures_from_results(results: list[Path], out: Path, formats: tuple[str, ...
 def _figures_from_results(results: list[Path], out: Path, formats: tuple[str, ...]) -> list[Path]:
     written: list[Path] = []
     runs: dict[str, pd.DataFrame] = {}
+    dynamics: dict[str, pd.DataFrame] = {}  # across-checkpoint summaries, drawn together at the end
+    refined: set[int] = set()  # the layers whose refinement was measured
     for folder in map(Path, results):
         name = folder.name
         if (folder / "summary.csv").is_file() and "layer" in pd.read_csv(folder / "summary.csv", nrows=1).columns:
             summary = pd.read_csv(folder / "summary.csv")
             norm = str(summary["norm_mode"].iloc[0]) if "norm_mode" in summary else "none"
             if "step" in summary:
+                dynamics[name] = summary
                 written += save_figure(entropy_dynamics(summary), out / f"{name}_entropy_dynamics", formats)
                 summary = summary[summary["step"] == summary["step"].max()]
             written += save_figure(entropy_flow(summary, f"{name}: internal policy entropy", norm), out / f"{name}_entropy_flow", formats)
             written += save_figure(entropy_change(summary, boundary_layer(summary), f"{name}: module entropy change", norm),
                                    out / f"{name}_entropy_change", formats)
             if (folder / "refinement.csv").is_file():
-                written += save_figure(feature_refinement(pd.read_csv(folder / "refinement.csv")), out / f"{name}_refinement", formats)
+                refinement = pd.read_csv(folder / "refinement.csv")
+                refined.add(int(refinement["layer_k"].iloc[0]))
+                written += save_figure(feature_refinement(refinement), out / f"{name}_refinement", formats)
         elif RunFolder(folder).metrics_path.is_file():
             run = RunFolder(folder)
             runs[run.label()] = run.metrics()
@@ -217,4 +260,8 @@ def _figures_from_results(results: list[Path], out: Path, formats: tuple[str, ..
                               "Fix: pass result folders.")
     if runs:
         written += save_figure(training_curves(runs), out / "training_curves", formats)
+    if len(dynamics) > 1:
+        written += save_figure(entropy_dynamics_side_by_side(dynamics), out / "entropy_dynamics_side_by_side", formats)
+    for layer in sorted(refined) if dynamics else ():
+        written += save_figure(internal_layer_dynamics(dynamics, layer), out / f"internal_layer_{layer}", formats)
     return written

@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import matplotlib.image
@@ -82,14 +83,35 @@ def test_figures_command(across_checkpoints, bupo_run, tiny_llama, rows_file, tm
                    "--n", "4", "--k", "1", "--k", "2", "--k", "4", "--max-new-tokens", "4", "-o", evaluation, "-q").exit_code == 0
     assert set(pd.read_csv(evaluation / "summary.csv")["model"]) == {f"run-step-{i}" for i in range(4)}
     out = tmp_path / "figures"
-    result = run_cli("figures", across_checkpoints, bupo_run, evaluation, "--out", out)
+    again = tmp_path / "again"
+    shutil.copytree(across_checkpoints, again)
+    result = run_cli("figures", across_checkpoints, again, bupo_run, evaluation, "--out", out)
     assert result.exit_code == 0, result.output
-    expected = ["out_entropy_dynamics", "out_entropy_flow", "out_entropy_change", "out_refinement", "training_curves", "eval_pass_at_k"]
+    expected = ["out_entropy_dynamics", "out_entropy_flow", "out_entropy_change", "out_refinement", "training_curves",
+                "eval_pass_at_k", "entropy_dynamics_side_by_side", "internal_layer_2"]
     for name in expected:
         _looks_like_a_figure(out / f"{name}.png")
         assert (out / f"{name}.pdf").read_bytes()[:4] == b"%PDF"
     bad = run_cli("figures", tmp_path / "nothing", "--out", out)
     assert bad.exit_code == 2 and "holds no results" in bad.output
+
+
+def test_dynamics_figures_draw_the_measured_values(across_checkpoints):
+    from internal_policy.figures import entropy_dynamics_side_by_side, internal_layer_dynamics
+
+    summary = pd.read_csv(across_checkpoints / "summary.csv")
+    later = summary.assign(entropy_out_mean=summary["entropy_out_mean"] + 1.0)  # a second result, one nat higher
+    fig = internal_layer_dynamics({"a": summary, "b": later}, layer=2)
+    for ax, (module, column) in zip(fig.axes, [("layer", "entropy_out_mean"), ("attn", "delta_mean"), ("ffn", "delta_mean")]):
+        expected = summary[(summary.module == module) & (summary.layer == 2)].sort_values("step")
+        assert list(ax.lines[0].get_xdata()) == list(expected["step"])
+        assert ax.lines[0].get_ydata() == pytest.approx(expected[column].to_numpy())
+    assert fig.axes[0].lines[1].get_ydata() == pytest.approx(fig.axes[0].lines[0].get_ydata() + 1.0)
+    grid = entropy_dynamics_side_by_side({"a": summary, "b": later})
+    heatmaps = [ax.collections[0] for ax in grid.axes[:2]]  # the colour bar's axes come after the panels
+    assert len(heatmaps) == 2 and heatmaps[0].get_clim() == heatmaps[1].get_clim()  # one colour scale
+    layers = summary[summary.module == "layer"]
+    assert heatmaps[0].get_clim() == pytest.approx((layers.entropy_out_mean.min(), layers.entropy_out_mean.max() + 1.0))
 
 
 def test_a_run_folder_as_model_is_analysed_like_run(bupo_run, across_checkpoints, rows_file, tmp_path):
