@@ -13,22 +13,31 @@ Side by side in one process on SmolLM2-135M-Instruct (the embedded model), float
   bfloat16) matmul rate of this machine.
 
 Peak RSS of one long sample is measured in a fresh subprocess per implementation.
+
+With ``--before REV`` the engine of an earlier commit (checked out in a git worktree) is timed against this one,
+side by side: fresh processes, alternating, on the same samples, each timed after a warm-up; the minimum of
+``--repeats`` runs each, and the 3000-token peak memory of both. This is how the linearity change (4L + 2 instead of
+5L + 1 unembedding matmuls per token) was measured against the engine before it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+CODE = Path(os.environ.get("IPOLICY_BENCH_CODE", ROOT))  # whose internal_policy runs: --before's children set it
+sys.path[:0] = [str(CODE), str(ROOT / "tests")]
 DATA = "math500"  # the built-in MATH-500 copy (internal_policy/datasets)
 
 from internal_policy.data import Sample, load_samples, tokenize_sample  # noqa: E402
@@ -77,6 +86,58 @@ def time_engine(loaded, tokenized, **config) -> float:
     return time.perf_counter() - start
 
 
+def time_child(samples_file: Path, fast: bool) -> None:
+    """Run in a fresh process, with whatever ``internal_policy`` is first on sys.path (this tree or an earlier
+    commit's worktree): time the engine on the samples in ``samples_file`` after a one-sample warm-up (which
+    includes fast mode's compile); print the seconds, the layer means and the code's location as JSON."""
+    import internal_policy
+
+    loaded = load_model("smollm2-135m-instruct", device="cpu")
+    rows = json.loads(samples_file.read_text())
+    tokenized = [tokenize_sample(loaded.tokenizer, Sample(r["id"], r["prompt"], r["response"])) for r in rows]
+    engine = EntropyEngine(loaded, EngineConfig(fast=fast))
+    engine.analyse(tokenized[:1])
+    start = time.perf_counter()
+    table = pd.concat([engine.analyse([tokenized[i] for i in batch], sample_index=batch) for batch in engine.batches(tokenized)])
+    seconds = time.perf_counter() - start
+    means = table.groupby(["layer", "module"])["entropy_out"].mean()
+    print(json.dumps({"seconds": seconds, "code": str(Path(internal_policy.__file__).parent),
+                      "means": {f"{layer}/{module}": float(v) for (layer, module), v in means.items()}}))
+
+
+def child(code: Path, *args: str) -> dict:
+    """Run this script's child mode with ``internal_policy`` imported from ``code``; its last JSON line."""
+    env = {**os.environ, "IPOLICY_BENCH_CODE": str(code)}
+    out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, check=True, cwd=code, env=env)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def side_by_side(before: str, samples: list[Sample], repeats: int, memory_tokens: int) -> dict:
+    """The engine at commit ``before`` against this tree's, alternating fresh processes (see the module docstring)."""
+    tree = Path(tempfile.gettempdir()) / f"ipolicy-before-{before}"
+    if not tree.is_dir():
+        subprocess.run(["git", "worktree", "add", "--detach", str(tree), before], cwd=ROOT, check=True, capture_output=True)
+    samples_file = Path(tempfile.mkdtemp()) / "samples.json"
+    samples_file.write_text(json.dumps([{"id": s.id, "prompt": s.prompt, "response": s.response} for s in samples]))
+    out: dict = {"before": before}
+    for mode in ("exact", "fast"):
+        runs: dict[str, list[dict]] = {"before": [], "after": []}
+        for _ in range(repeats):
+            for name, code in (("before", tree), ("after", ROOT)):
+                runs[name].append(child(code, "--time-child", str(samples_file), *(["--fast"] if mode == "fast" else [])))
+        for name in runs:
+            out[f"{mode}_{name}_s"] = [r["seconds"] for r in runs[name]]
+        out[f"{mode}_speedup"] = min(out[f"{mode}_before_s"]) / min(out[f"{mode}_after_s"])
+        before_means, after_means = runs["before"][0]["means"], runs["after"][0]["means"]
+        out[f"{mode}_max_layer_mean_change_nats"] = max(abs(after_means[k] - before_means[k]) for k in before_means)
+        assert runs["before"][0]["code"].startswith(str(tree)) and runs["after"][0]["code"].startswith(str(ROOT))
+    if memory_tokens > 0:
+        for name, code in (("before", tree), ("after", ROOT)):
+            out[f"memory_{name}"] = [child(code, "--memory-child", "engine", "--memory-tokens", str(memory_tokens))
+                                     for _ in range(2)]
+    return out
+
+
 def memory_child(impl: str, tokens: int) -> None:
     """Run in a fresh process: analyse one sample with a ``tokens``-token response; print peak RSS (GB) and time."""
     loaded = load_model("smollm2-135m-instruct", device="cpu")
@@ -118,11 +179,17 @@ def main() -> None:
     parser.add_argument("--response-tokens", type=int, default=128)
     parser.add_argument("--memory-tokens", type=int, default=3000, help="0 skips the memory measurement")
     parser.add_argument("--reference-memory", action="store_true", help="also measure the straightforward one (slow)")
+    parser.add_argument("--before", metavar="REV", help="also time the engine of commit REV side by side with this one")
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each engine with --before (the minimum counts)")
     parser.add_argument("--memory-child", choices=["engine", "reference"], help=argparse.SUPPRESS)
+    parser.add_argument("--time-child", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--fast", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "entropy.json")
     args = parser.parse_args()
     if args.memory_child:
         return memory_child(args.memory_child, args.memory_tokens)
+    if args.time_child:
+        return time_child(args.time_child, args.fast)
 
     from reference import reference_token_table
     from transformers import AutoModelForCausalLM
@@ -173,6 +240,10 @@ def main() -> None:
         child = subprocess.run([sys.executable, __file__, "--memory-child", impl, "--memory-tokens", str(args.memory_tokens)],
                                capture_output=True, text=True, check=True)
         results[f"memory_{impl}"] = json.loads(child.stdout.strip().splitlines()[-1])
+
+    results["exact_time_over_5L+1_roofline"] = results["engine_exact_s"] / results["roofline_float32_s"]
+    if args.before:
+        results["side_by_side"] = side_by_side(args.before, samples, args.repeats, args.memory_tokens)
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
