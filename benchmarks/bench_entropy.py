@@ -16,8 +16,9 @@ Peak RSS of one long sample is measured in a fresh subprocess per implementation
 
 With ``--before REV`` the engine of an earlier commit (checked out in a git worktree) is timed against this one,
 side by side: fresh processes, alternating, on the same samples, each timed after a warm-up; the minimum of
-``--repeats`` runs each, and the 3000-token peak memory of both. This is how the linearity change (4L + 2 instead of
-5L + 1 unembedding matmuls per token) was measured against the engine before it.
+``--repeats`` runs each, and the 3000-token peak memory of both. This is how the linearity attempt of commit 2ce8b1b
+(4L + 2 instead of 5L + 1 unembedding matmuls per token) was measured, and not kept:
+``benchmarks/results/linearity_side_by_side.json``.
 """
 
 from __future__ import annotations
@@ -134,7 +135,7 @@ def side_by_side(before: str, samples: list[Sample], repeats: int, memory_tokens
     if memory_tokens > 0:
         for name, code in (("before", tree), ("after", ROOT)):
             out[f"memory_{name}"] = [child(code, "--memory-child", "engine", "--memory-tokens", str(memory_tokens))
-                                     for _ in range(2)]
+                                     for _ in range(1)]
     return out
 
 

@@ -58,8 +58,7 @@ def run_cell(data: Path, fast: bool, out: Path) -> dict:
     timings = manifest["timings"]
     return {"n_samples": manifest["n_samples"], "n_tokens": manifest["n_tokens"], "mode": "fast" if fast else "exact",
             "wall_s": wall, "load_s": timings["load_s"], "analyse_s": timings["analyse_s"],
-            "tokens_per_second": timings["tokens_per_second"], "peak_rss_gb": usage.ru_maxrss * 1024 / 1e9,
-            "linearity": manifest.get("linearity")}
+            "tokens_per_second": timings["tokens_per_second"], "peak_rss_gb": usage.ru_maxrss * 1024 / 1e9}
 
 
 def plot(table, path: Path) -> None:

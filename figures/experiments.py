@@ -14,7 +14,7 @@ held-out problems (n = 4, 32 tokens).
            differ by seed); BuPO - GRPO with a bootstrap interval over seeds and problems.
 * sweep:   BuPO with S in {2, 6} and K in {5, 15}, 3 seeds (S = 0 is GRPO and K = 5, S = 2 is BuPO, both from
            compare).
-* dynamics: GRPO and BuPO (K = 5, S = 2 and S = 6), seed 1, a checkpoint every step; internal policy entropy of every
+* dynamics: GRPO and BuPO (K = 5, S = 2), seed 1, a checkpoint every step; internal policy entropy of every
            checkpoint on 16 held-out prompts (responses of the base model), with the refinement of layer 5.
 
 A finished run keeps its checkpoints' weights but not their optimizer state (``trainer_state.safetensors``, twice the
@@ -56,12 +56,12 @@ def train(runs: Path, name: str, steps: int, seed: int, save_every: int | None =
     return out
 
 
-def evaluate(runs: Path, model: str, name: str) -> np.ndarray:
-    """Per-problem accuracy (the terms of Avg@4) of one model on the held-out problems, in problem order; an
-    evaluation already in ``runs/eval/name`` is reused."""
+def evaluate(runs: Path, model: str, name: str, metric: str = "accuracy") -> np.ndarray:
+    """Per-problem ``metric`` (accuracy: the terms of Avg@4; or pass@4) of one model on the held-out problems, in
+    problem order; an evaluation already in ``runs/eval/name`` is reused."""
     ip.evaluate(models=[model], datasets=[HELD_OUT], n=4, k=(1, 4), max_new_tokens=32, reward="last-number",
                 out=runs / "eval" / name)
-    return pd.read_csv(runs / "eval" / name / "problems.csv").sort_values("problem")["accuracy"].to_numpy()
+    return pd.read_csv(runs / "eval" / name / "problems.csv").sort_values("problem")[metric].to_numpy()
 
 
 def bootstrap(values: np.ndarray, draws: int = 10_000, seed: int = 0) -> tuple[float, float, float]:
@@ -89,17 +89,50 @@ def compare(runs: Path, steps: int, seeds: int, configs: dict[str, dict], save_e
     """Every configuration for seeds 1..``seeds`` (seed by seed, so that an interrupted stage has complete pairs),
     each final checkpoint evaluated; returns Avg@4 per configuration and each one's difference to GRPO."""
     table: dict[str, list[np.ndarray]] = {name: [] for name in configs}
+    passes: dict[str, list[np.ndarray]] = {name: [] for name in configs}
     for s in range(1, seeds + 1):
         for name, bupo in configs.items():
             run = train(runs, f"{name}-seed{s}", steps, seed=s, save_every=save_every, **bupo)
-            table[name].append(evaluate(runs, str(run / "checkpoints" / f"step-{steps}"), f"{name}-seed{s}"))
+            checkpoint = str(run / "checkpoints" / f"step-{steps}")
+            table[name].append(evaluate(runs, checkpoint, f"{name}-seed{s}"))
+            passes[name].append(evaluate(runs, checkpoint, f"{name}-seed{s}", "pass@4"))
     table = {name: np.stack(rows) for name, rows in table.items()}
-    out = {name: {"avg@4": bootstrap(acc), "per_seed": acc.mean(axis=1).tolist()} for name, acc in table.items()}
+    out = {name: {"avg@4": bootstrap(acc), "per_seed": acc.mean(axis=1).tolist(),
+                  "pass@4": bootstrap(np.stack(passes[name])), "pass@4_per_seed": np.stack(passes[name]).mean(axis=1).tolist(),
+                  "final_entropy_per_seed": [final_entropy(runs / f"{name}-seed{s}") for s in range(1, seeds + 1)]}
+           for name, acc in table.items()}
     grpo = table.pop("grpo", None)
     for name, acc in table.items():
         if grpo is not None:
             out[name]["minus_grpo"] = bootstrap(acc - grpo)
+            out[name]["pass@4_minus_grpo"] = bootstrap(np.stack(passes[name]) - np.stack(passes["grpo"]))
     return out
+
+
+def final_entropy(run: Path) -> float:
+    """The entropy of the model's own policy on its rollouts at the last step (metrics.jsonl), nats."""
+    return float(ip.RunFolder(run).metrics()["entropy"].iloc[-1])
+
+
+def sweep_figure(sweep: dict, path: Path) -> None:
+    """Held-out Avg@4 of each configuration: one dot per seed, the mean with its bootstrap interval."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(sweep)
+    fig, ax = plt.subplots(figsize=(1.3 * len(names) + 2, 3.6))
+    for i, name in enumerate(names):
+        mean, low, high = sweep[name]["avg@4"]
+        ax.errorbar(i, mean, yerr=[[mean - low], [high - mean]], fmt="o", color="black", capsize=4)
+        ax.scatter([i] * len(sweep[name]["per_seed"]), sweep[name]["per_seed"], color="tab:blue", alpha=0.5, s=18)
+    labels = {"grpo": "GRPO", "bupo": "BuPO\nK=5, S=2"}
+    ax.set_xticks(range(len(names)), [labels.get(n, n.replace("bupo-k", "BuPO\nK=").replace("-s", ", S=")) for n in names])
+    ax.set(ylabel="held-out Avg@4", title="GRPO and BuPO's internal phase (3 seeds; 95 % bootstrap intervals)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    fig.savefig(path.with_suffix(".pdf"))
 
 
 def dynamics(runs: Path, steps: int, configs: dict[str, dict]) -> dict:
@@ -132,9 +165,9 @@ def main() -> None:
         configs = {"grpo": {}, "bupo": dict(internal_layer=5, internal_steps=2),  # "bupo" is K = 5, S = 2
                    **{f"bupo-k{k}-s{s}": dict(internal_layer=k, internal_steps=s) for k, s in ((5, 6), (15, 2), (15, 6))}}
         results["sweep"] = compare(args.runs, args.steps, 3, configs, save_every=args.steps)
+        sweep_figure(results["sweep"], args.out.parent / "sweep_avg_at_4.png")
     if args.stage in ("dynamics", "all"):
-        results["dynamics"] = dynamics(args.runs, args.steps, {"grpo": {}, "bupo-k5-s2": dict(internal_layer=5, internal_steps=2),
-                                                                "bupo-k5-s6": dict(internal_layer=5, internal_steps=6)})
+        results["dynamics"] = dynamics(args.runs, args.steps, {"grpo": {}, "bupo-k5-s2": dict(internal_layer=5, internal_steps=2)})
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
 

@@ -309,7 +309,6 @@ def _manifest(config: EntropyConfig, loaded: LoadedModel, engine, samples, summa
         "fast": config.fast,
         "logit_transform": engine.head.transform_description,
         "block_layout": loaded.block_layout,
-        "linearity": engine.linearity_note,
         "data": config.data,
         "n_samples": len(samples),
         "n_tokens": n_tokens,

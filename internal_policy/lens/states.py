@@ -84,13 +84,11 @@ class BridgeStates:
     def __init__(self, bridge):
         self.bridge = bridge
 
-    def forward(self, input_ids: Tensor, hooks: list, attention_mask: Tensor | None = None, cache=None) -> None:
+    def forward(self, input_ids: Tensor, hooks: list, attention_mask: Tensor | None = None) -> None:
         """One bridge forward with ``hooks`` [(hook name, fn(states, hook))], attention in the model's fused kernel;
-        the final [T x vocab] logits are never materialised (logits_to_keep=1). With ``cache`` (a transformers
-        ``Cache``) the ids continue the sequences the cache holds, and the cache is extended."""
-        extra = {"past_key_values": cache, "use_cache": True} if cache is not None else {"use_cache": False}
+        the final [T x vocab] logits are never materialised (logits_to_keep=1)."""
         with self.bridge.hooks(fwd_hooks=hooks), fused_attention(self.bridge):
-            self.bridge(input_ids, attention_mask=attention_mask, return_type=None, logits_to_keep=1, **extra)
+            self.bridge(input_ids, attention_mask=attention_mask, return_type=None, logits_to_keep=1, use_cache=False)
 
     @staticmethod
     def block_hooks(block_layout: str) -> dict[str, str]:
