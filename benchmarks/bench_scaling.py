@@ -103,7 +103,7 @@ def main() -> None:
             done[key] = run_cell(data, fast, work / key)
             print(json.dumps({"cell": key, **done[key]}), flush=True)
             args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps({"model": "SmolLM2-135M-Instruct", "threads": os.cpu_count(), "cells": done}, indent=2) + "\n")
+            args.out.write_text(json.dumps({"model": "SmolLM2-135M-Instruct", "cpus": os.cpu_count(), "cells": done}, indent=2) + "\n")
     table = pd.DataFrame(done.values()).drop_duplicates(subset=["n_samples", "n_tokens", "mode"])
     table = table.sort_values(["mode", "n_samples", "n_tokens"])
     table.to_csv(args.out.with_suffix(".csv"), index=False)
