@@ -56,12 +56,12 @@ def train(runs: Path, name: str, steps: int, seed: int, save_every: int | None =
     return out
 
 
-def evaluate(runs: Path, model: str, name: str, metric: str = "accuracy") -> np.ndarray:
-    """Per-problem ``metric`` (accuracy: the terms of Avg@4; or pass@4) of one model on the held-out problems, in
-    problem order; an evaluation already in ``runs/eval/name`` is reused."""
+def evaluate(runs: Path, model: str, name: str) -> pd.DataFrame:
+    """Per-problem accuracy (the terms of Avg@4) and pass@4 of one model on the held-out problems, in problem order;
+    an evaluation already in ``runs/eval/name`` is reused."""
     ip.evaluate(models=[model], datasets=[HELD_OUT], n=4, k=(1, 4), max_new_tokens=32, reward="last-number",
                 out=runs / "eval" / name)
-    return pd.read_csv(runs / "eval" / name / "problems.csv").sort_values("problem")[metric].to_numpy()
+    return pd.read_csv(runs / "eval" / name / "problems.csv").sort_values("problem")[["accuracy", "pass@4"]]
 
 
 def bootstrap(values: np.ndarray, draws: int = 10_000, seed: int = 0) -> tuple[float, float, float]:
@@ -79,8 +79,8 @@ def bootstrap(values: np.ndarray, draws: int = 10_000, seed: int = 0) -> tuple[f
 
 def learn(runs: Path, steps: int) -> dict:
     run = train(runs, "learn-grpo-seed1", steps, seed=1)
-    base = evaluate(runs, "smollm2-135m-instruct", "base")
-    trained = evaluate(runs, str(run / "checkpoints" / f"step-{steps}"), "learn-grpo-seed1")
+    base = evaluate(runs, "smollm2-135m-instruct", "base")["accuracy"].to_numpy()
+    trained = evaluate(runs, str(run / "checkpoints" / f"step-{steps}"), "learn-grpo-seed1")["accuracy"].to_numpy()
     return {"steps": steps, "base_avg@4": bootstrap(base), "grpo_avg@4": bootstrap(trained),
             "grpo_minus_base": bootstrap(trained - base)}
 
@@ -93,19 +93,20 @@ def compare(runs: Path, steps: int, seeds: int, configs: dict[str, dict], save_e
     for s in range(1, seeds + 1):
         for name, bupo in configs.items():
             run = train(runs, f"{name}-seed{s}", steps, seed=s, save_every=save_every, **bupo)
-            checkpoint = str(run / "checkpoints" / f"step-{steps}")
-            table[name].append(evaluate(runs, checkpoint, f"{name}-seed{s}"))
-            passes[name].append(evaluate(runs, checkpoint, f"{name}-seed{s}", "pass@4"))
+            problems = evaluate(runs, str(run / "checkpoints" / f"step-{steps}"), f"{name}-seed{s}")
+            table[name].append(problems["accuracy"].to_numpy())
+            passes[name].append(problems["pass@4"].to_numpy())
     table = {name: np.stack(rows) for name, rows in table.items()}
+    passes = {name: np.stack(rows) for name, rows in passes.items()}
     out = {name: {"avg@4": bootstrap(acc), "per_seed": acc.mean(axis=1).tolist(),
-                  "pass@4": bootstrap(np.stack(passes[name])), "pass@4_per_seed": np.stack(passes[name]).mean(axis=1).tolist(),
+                  "pass@4": bootstrap(passes[name]), "pass@4_per_seed": passes[name].mean(axis=1).tolist(),
                   "final_entropy_per_seed": [final_entropy(runs / f"{name}-seed{s}") for s in range(1, seeds + 1)]}
            for name, acc in table.items()}
     grpo = table.pop("grpo", None)
     for name, acc in table.items():
         if grpo is not None:
             out[name]["minus_grpo"] = bootstrap(acc - grpo)
-            out[name]["pass@4_minus_grpo"] = bootstrap(np.stack(passes[name]) - np.stack(passes["grpo"]))
+            out[name]["pass@4_minus_grpo"] = bootstrap(passes[name] - passes["grpo"])
     return out
 
 
