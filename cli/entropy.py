@@ -43,11 +43,18 @@ def entropy(
         Console().print(f"Results: [bold]{result.out}[/] (summary.csv and tokens.parquet with step and checkpoint columns)")
         return
     print_summary(result.summary, result.boundary, config.boundary_tolerance)
-    timings = result.manifest["timings"]
-    Console().print(
-        f"{result.manifest['n_tokens']} tokens x {result.manifest['n_layers']} layers in {timings['total_s']:.1f} s "
-        f"({timings['tokens_per_second']:.1f} tokens/s analysed). Results: [bold]{result.out}[/]"
-    )
+    Console().print(f"{run_line(result.manifest)} Results: [bold]{result.out}[/]")
+
+
+def run_line(manifest: dict) -> str:
+    """What the run did, in one sentence: its tokens, its time and, where it resumed, what was analysed anew."""
+    timings, n_tokens = manifest["timings"], manifest["n_tokens"]
+    done = f"{n_tokens} tokens x {manifest['n_layers']} layers in {timings['total_s']:.1f} s"
+    analysed = timings["analysed_tokens"]
+    if analysed == 0:
+        return f"{done}: all were analysed by an earlier run in this folder, and the results are rebuilt from what it saved."
+    resumed = f", {n_tokens - analysed} of them resumed from an earlier run" if analysed < n_tokens else ""
+    return f"{done}{resumed} ({timings['tokens_per_second']:.1f} tokens/s analysed)."
 
 
 def print_summary(summary, boundary: int | None, tolerance: float) -> None:

@@ -193,12 +193,12 @@ def _analyse(config: EntropyConfig, sink, progress: bool, samples: list[Sample] 
     engine = EntropyEngine(loaded, EngineConfig(norm_mode=config.norm_mode, fast=config.fast,
                                                 batch_tokens=config.batch_tokens))
     t = time.perf_counter()
-    _analyse_batches(engine, tokenized, sink, config.norm_mode, progress, share)
-    timings["analyse_s"] = time.perf_counter() - t
+    timings["analysed_tokens"] = _analyse_batches(engine, tokenized, sink, config.norm_mode, progress, share)
     if share.processes > 1:
         share.wait()  # every process's shards are written
-        if share.index != 0:
-            return None
+    timings["analyse_s"] = time.perf_counter() - t
+    if share.index != 0:
+        return None
     refinement = feature_refinement(engine, tokenized, config.refine_layer) if config.refine_layer else None
     tokens = sink.combine_tokens()
     summary = summarize(tokens)
@@ -272,11 +272,13 @@ def _check_lengths(tokenizer, context: int | None, samples: list[Sample], max_ne
                 )
 
 
-def _analyse_batches(engine, tokenized, sink, norm_mode: str, progress: bool, share: _Share) -> None:
+def _analyse_batches(engine, tokenized, sink, norm_mode: str, progress: bool, share: _Share) -> int:
     """Analyse every sample (of this process's share) not yet in ``sink``, one length-sorted batch at a time, each
-    batch one shard."""
+    batch one shard. Returns the response tokens of the samples that this run analyses, over all processes (those
+    resumed from earlier shards excluded)."""
     done = sink.done_sample_indices()
-    todo = share.mine([i for i in range(len(tokenized)) if i not in done])
+    missing = [i for i in range(len(tokenized)) if i not in done]
+    todo = share.mine(missing)
     with tqdm(total=len(tokenized), initial=len(done), desc="analysing", unit="sample", disable=not progress) as bar:
         for batch in engine.batches([tokenized[i] for i in todo]):
             indices = [todo[i] for i in batch]
@@ -284,6 +286,7 @@ def _analyse_batches(engine, tokenized, sink, norm_mode: str, progress: bool, sh
             table["norm_mode"] = norm_mode
             sink.add_shard(table, share.index if share.processes > 1 else None)
             bar.update(len(indices))
+    return sum(len(tokenized[i].response_ids) for i in missing)
 
 
 def _versions() -> dict[str, str]:
@@ -317,7 +320,8 @@ def _manifest(config: EntropyConfig, loaded: LoadedModel, engine, samples, summa
         "boundary_tolerance_nats": config.boundary_tolerance,
         "config": asdict(config),
         "versions": _versions(),
-        "timings": {**timings, "tokens_per_second": n_tokens / max(timings["analyse_s"], 1e-9)},
+        "timings": {**timings, "tokens_per_second": (timings["analysed_tokens"] / max(timings["analyse_s"], 1e-9)
+                                                     if timings["analysed_tokens"] else None)},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 

@@ -58,14 +58,26 @@ def test_resume_skips_finished_samples(tiny_llama, rows_file, tmp_path, monkeypa
     seen = []
     monkeypatch.setattr(analysis.EntropyEngine, "analyse",
                         lambda self, s, sample_index=None: seen.extend(sample_index) or original(self, s, sample_index))
-    assert run().exit_code == 0
+    resumed = run()
+    assert resumed.exit_code == 0
     assert not set(seen) & set(calls[0]) and set(seen) | set(calls[0]) == set(range(5))
     got, want = pd.read_csv(out / "summary.csv"), pd.read_csv(reference / "summary.csv")
     assert (got["n_tokens"] == want["n_tokens"]).all()
     assert (got["entropy_out_mean"] - want["entropy_out_mean"]).abs().max() < 1e-5
+    # the rate counts only the tokens analysed now, not those of the first run's shard
+    first_layer = pd.read_parquet(reference / "tokens.parquet").query("layer == 1 and module == 'layer'")
+    resumed_tokens = int(first_layer["sample_index"].isin(calls[0]).sum())
+    timings = json.loads((out / "manifest.json").read_text())["timings"]
+    assert timings["analysed_tokens"] == len(first_layer) - resumed_tokens > 0
+    assert f"{resumed_tokens} of them resumed from an earlier run" in " ".join(resumed.stdout.split())  # rich wraps
 
     seen.clear()
-    assert run().exit_code == 0 and seen == []  # a finished folder recomputes nothing
+    finished = run()
+    assert finished.exit_code == 0 and seen == []  # a finished folder recomputes nothing
+    timings = json.loads((out / "manifest.json").read_text())["timings"]
+    assert timings["analysed_tokens"] == 0 and timings["tokens_per_second"] is None
+    printed = " ".join(finished.stdout.split())
+    assert "all were analysed by an earlier run" in printed and "tokens/s" not in printed
 
 
 def test_generated_responses_are_saved_and_reused(tiny_llama, tmp_path):
@@ -207,4 +219,5 @@ def test_two_processes_under_accelerate_launch_equal_one(tiny_llama, rows_file, 
                                   check_exact=False, rtol=0, atol=1e-5)
     manifest = json.loads((launched / "manifest.json").read_text())
     assert manifest["n_samples"] == 5 and manifest["processes"] == 2 and not (launched / ".partial").exists()
+    assert manifest["timings"]["analysed_tokens"] == manifest["n_tokens"]  # both processes' tokens
     assert json.loads((single / "manifest.json").read_text())["processes"] == 1
