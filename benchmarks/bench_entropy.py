@@ -134,8 +134,7 @@ def side_by_side(before: str, samples: list[Sample], repeats: int, memory_tokens
         assert runs["before"][0]["code"].startswith(str(tree)) and runs["after"][0]["code"].startswith(str(ROOT))
     if memory_tokens > 0:
         for name, code in (("before", tree), ("after", ROOT)):
-            out[f"memory_{name}"] = [child(code, "--memory-child", "engine", "--memory-tokens", str(memory_tokens))
-                                     for _ in range(1)]
+            out[f"memory_{name}"] = [child(code, "--memory-child", "engine", "--memory-tokens", str(memory_tokens))]
     return out
 
 

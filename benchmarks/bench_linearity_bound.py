@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 from bench_entropy import (  # also puts this tree's internal_policy on sys.path
+    ROOT,
     make_samples,
     time_engine,
 )
@@ -36,8 +37,6 @@ from bench_entropy import (  # also puts this tree's internal_policy on sys.path
 from internal_policy.data import tokenize_sample
 from internal_policy.lens.policy import _fast_fold_block, fold_block
 from internal_policy.models import load_model
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def best_seconds(function, repeats: int) -> float:
