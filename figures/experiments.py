@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 
 import internal_policy as ip
+from internal_policy.stats import bootstrap_mean as bootstrap, seed_level_test
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = dict(data="add-sub-1", reward="last-number", lr=1e-5, prompts_per_step=8, group_size=8, max_new_tokens=32,
@@ -42,14 +43,15 @@ RECIPE = dict(data="add-sub-1", reward="last-number", lr=1e-5, prompts_per_step=
 HELD_OUT = "add-sub-1:test"
 
 
-def train(runs: Path, name: str, steps: int, seed: int, save_every: int | None = None, **bupo) -> Path:
+def train(runs: Path, name: str, steps: int, seed: int, save_every: int | None = None, recipe: dict = RECIPE,
+          **bupo) -> Path:
     """One training run (resumed from its last checkpoint if interrupted, skipped if done); returns its folder.
     ``save_every`` defaults to half the steps."""
     out, run = runs / name, ip.RunFolder(runs / name)
     if not (run.checkpoints() and run.checkpoints()[-1].name == f"step-{steps}"):
         if run.is_run() and not run.checkpoints():  # interrupted before its first checkpoint: start it again
             shutil.rmtree(out)
-        config = ip.TrainConfig(**RECIPE, steps=steps, seed=seed, save_every=save_every or max(1, steps // 2), **bupo)
+        config = ip.TrainConfig(**recipe, steps=steps, seed=seed, save_every=save_every or max(1, steps // 2), **bupo)
         ip.train(config, out=out, resume=run.is_run(), progress=True)
     for state in out.glob("checkpoints/step-*/trainer_state.safetensors"):  # finished: the optimizer is not needed
         state.unlink()
@@ -62,19 +64,6 @@ def evaluate(runs: Path, model: str, name: str) -> pd.DataFrame:
     ip.evaluate(models=[model], datasets=[HELD_OUT], n=4, k=(1, 4), max_new_tokens=32, reward="last-number",
                 out=runs / "eval" / name)
     return pd.read_csv(runs / "eval" / name / "problems.csv").sort_values("problem")[["accuracy", "pass@4"]]
-
-
-def bootstrap(values: np.ndarray, draws: int = 10_000, seed: int = 0) -> tuple[float, float, float]:
-    """Mean and 95 % percentile interval of the mean of ``values`` [problems] or [seeds, problems] (both axes
-    resampled)."""
-    rng = np.random.default_rng(seed)
-    values = np.atleast_2d(values)
-    means = []
-    for _ in range(draws):
-        rows = values[rng.integers(0, values.shape[0], values.shape[0])]
-        means.append(rows[:, rng.integers(0, values.shape[1], values.shape[1])].mean())
-    low, high = np.percentile(means, [2.5, 97.5])
-    return float(values.mean()), float(low), float(high)
 
 
 def learn(runs: Path, steps: int) -> dict:
@@ -107,7 +96,21 @@ def compare(runs: Path, steps: int, seeds: int, configs: dict[str, dict], save_e
         if grpo is not None:
             out[name]["minus_grpo"] = bootstrap(acc - grpo)
             out[name]["pass@4_minus_grpo"] = bootstrap(passes[name] - passes["grpo"])
+            out[name]["minus_grpo_seed_test"] = seed_level_test(acc.mean(axis=1) - grpo.mean(axis=1))
     return out
+
+
+def add_seed_tests(results: dict) -> dict:
+    """A seed-level paired test next to every stored BuPO - GRPO comparison of the compare and sweep stages, from the
+    per-seed Avg@4 they hold (the training run is the unit that repeats; the two-way bootstrap mostly reflects the
+    problems). Needs no runs."""
+    for stage in ("compare", "sweep"):
+        table = results.get(stage, {})
+        grpo = np.asarray(table.get("grpo", {}).get("per_seed", []))
+        for name, row in table.items():
+            if name != "grpo" and len(grpo) and len(row["per_seed"]) == len(grpo):
+                row["minus_grpo_seed_test"] = seed_level_test(np.asarray(row["per_seed"]) - grpo)
+    return results
 
 
 def final_entropy(run: Path) -> float:
@@ -148,9 +151,86 @@ def dynamics(runs: Path, steps: int, configs: dict[str, dict]) -> dict:
     return out
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# GRPO vs BuPO at the paper's budget ratio (S = 10 % of T), on a task neither saturates, with pass@k up to k = 64.
+PAPER_RATIO = dict(
+    task="add-sub-2x1",  # a two-digit number +- a one-digit one: SmolLM2 starts near 0.05 (README, Results)
+    steps=30, internal_steps=3, layers=(5, 15),  # T = 30, S = 3 (10 %), K = 5 and 15 of 30 layers
+    mini_batch_prompts=4,  # two mini-batches a step: the second is off-policy, so the clipped ratio acts
+    save_every=3, n=64, ks=(1, 4, 16, 64), problems=100, max_new_tokens=32,
+)
+
+
+def paper_ratio_methods() -> dict[str, dict]:
+    c = PAPER_RATIO
+    return {"grpo": {}, **{f"bupo-k{k}": dict(internal_layer=k, internal_steps=c["internal_steps"]) for k in c["layers"]}}
+
+
+def evaluate_at_64(root: Path, model: str, name: str) -> pd.DataFrame:
+    """n = 64 responses on each of the first 100 held-out problems (in the seed-0 order, the same for every model):
+    per-problem accuracy (the terms of Avg@64) and unbiased pass@k, in problem order; reused when done."""
+    c = PAPER_RATIO
+    ip.evaluate(models=[model], datasets=[f"{c['task']}:test"], n=c["n"], k=c["ks"], limit=c["problems"],
+                max_new_tokens=c["max_new_tokens"], reward="last-number", batch_size=256, out=root / "eval" / name)
+    columns = ["problem", "accuracy", *(f"pass@{k}" for k in c["ks"])]
+    return pd.read_csv(root / "eval" / name / "problems.csv").sort_values("problem")[columns].reset_index(drop=True)
+
+
+def prune(run: Path, keep: set[int]) -> None:
+    """Drop the checkpoints of a finished run that no analysis reads (each is 0.5 GB): keep the steps in ``keep``."""
+    for checkpoint in ip.RunFolder(run).checkpoints():
+        if int(checkpoint.name[5:]) not in keep:
+            shutil.rmtree(checkpoint)
+
+
+def paper_ratio(runs: Path, seeds: int) -> dict:
+    """Every run and evaluation of the paper-ratio stage, seed by seed (GRPO, then BuPO at each K), resumable; the
+    GRPO run's checkpoint at step T - S is the control "GRPO with BuPO's full-policy budget" (a constant learning rate
+    and a data order fixed by the seed make it exactly a (T - S)-step GRPO run). Returns the numbers of
+    experiments.json's ``paper_ratio``."""
+    c = PAPER_RATIO
+    root = runs / "paper-ratio"
+    recipe = dict(RECIPE, data=c["task"], mini_batch_prompts=c["mini_batch_prompts"])
+    control = c["steps"] - c["internal_steps"]
+    tables: dict[str, list[pd.DataFrame]] = {name: [] for name in [*paper_ratio_methods(), f"grpo-{control}"]}
+    seconds: dict[str, float] = {}
+    for s in range(1, seeds + 1):
+        for name, bupo in paper_ratio_methods().items():
+            run = train(root, f"{name}-seed{s}", c["steps"], seed=s, save_every=c["save_every"], recipe=recipe, **bupo)
+            seconds[f"{name}-seed{s}"] = float(ip.RunFolder(run).metrics()["step_seconds"].sum())
+            tables[name].append(evaluate_at_64(root, str(run / "checkpoints" / f"step-{c['steps']}"), f"{name}-seed{s}"))
+            if name == "grpo":
+                tables[f"grpo-{control}"].append(
+                    evaluate_at_64(root, str(run / "checkpoints" / f"step-{control}"), f"grpo-{control}-seed{s}"))
+            if s > 1:  # seed 1 keeps a checkpoint every 3 steps for the dynamics stage
+                prune(run, {control, c["steps"]} if name == "grpo" else {c["steps"]})
+        if s == 1:
+            tables["base"] = [evaluate_at_64(root, recipe.get("model", ip.DEFAULT_MODEL), "base")]
+    base = tables.pop("base")[0]
+    metrics = ["accuracy", *(f"pass@{k}" for k in c["ks"])]
+    result = {"task": c["task"], "held_out_problems": len(base), "T": c["steps"], "S": c["internal_steps"],
+              "K": list(c["layers"]), "mini_batches": RECIPE["prompts_per_step"] // c["mini_batch_prompts"],
+              "n": c["n"], "seeds": seeds, "train_seconds": seconds,
+              "base": {m.replace("accuracy", f"avg@{c['n']}"): bootstrap(base[m].to_numpy()) for m in metrics},
+              "methods": {}, "differences": {}}
+    stacked = {name: {m: np.stack([t[m].to_numpy() for t in rows]) for m in metrics} for name, rows in tables.items()}
+    for name, values in stacked.items():
+        result["methods"][name] = {m.replace("accuracy", f"avg@{c['n']}"): {
+            "mean": bootstrap(v), "per_seed": v.mean(axis=1).tolist()} for m, v in values.items()}
+    pairs = [(f"{bupo} - grpo", bupo, "grpo") for bupo in stacked if bupo.startswith("bupo")]
+    pairs += [(f"{bupo} - grpo-{control}", bupo, f"grpo-{control}") for bupo in stacked if bupo.startswith("bupo")]
+    pairs += [(f"grpo - grpo-{control}", "grpo", f"grpo-{control}")]
+    for label, a, b in pairs:
+        result["differences"][label] = {m.replace("accuracy", f"avg@{c['n']}"): {
+            "bootstrap": bootstrap(stacked[a][m] - stacked[b][m]),
+            "seed_test": seed_level_test(stacked[a][m].mean(axis=1) - stacked[b][m].mean(axis=1))} for m in metrics}
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stage", choices=["learn", "compare", "sweep", "dynamics", "all"], default="all")
+    parser.add_argument("--stage", choices=["learn", "compare", "sweep", "dynamics", "seed-tests", "paper-ratio", "all"],
+                        default="all")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "experiments")
@@ -169,6 +249,10 @@ def main() -> None:
         sweep_figure(results["sweep"], args.out.parent / "sweep_avg_at_4.png")
     if args.stage in ("dynamics", "all"):
         results["dynamics"] = dynamics(args.runs, args.steps, {"grpo": {}, "bupo-k5-s2": dict(internal_layer=5, internal_steps=2)})
+    if args.stage in ("seed-tests", "all"):
+        results = add_seed_tests(results)
+    if args.stage in ("paper-ratio", "all"):
+        results["paper_ratio"] = paper_ratio(args.runs, args.seeds)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
 

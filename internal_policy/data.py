@@ -1,7 +1,7 @@
 """Prompts, responses and ground truths: one data module for the entropy engine and the trainer.
 
 ``--data`` may be ``arithmetic`` (the built-in, seeded task), a level of the task ladder (``add-sub-1``,
-``add-sub-2``, ``mul-1``, each with a held-out split ``NAME:test``), a shipped benchmark by name (``math500``, ``amc23``,
+``add-sub-2x1``, ``add-sub-2``, ``mul-1``, each with a held-out split ``NAME:test``), a shipped benchmark by name (``math500``, ``amc23``,
 ``aime24``, ``aime25``, ``deepmath-5k``; see ``datasets/README.md``), a local ``.jsonl`` / ``.json`` / ``.parquet`` file, or a
 Hugging Face Hub dataset name (``HuggingFaceH4/MATH-500``, optionally ``NAME:SPLIT``). Accepted rows:
 
@@ -89,18 +89,26 @@ def arithmetic_samples(n: int, seed: int = 0) -> list[Sample]:
 
 # The task ladder: graded arithmetic a small model can learn from on a CPU. Each level's problems are split once and
 # for all into train and held-out ("NAME:test") problems, by a hash of the problem, so the two never overlap.
+# level -> (operators, first operands, second operands); subtraction keeps a >= b, so every answer is >= 0.
 TASK_LADDER = {
-    "add-sub-1": ("+-", range(0, 10)),      # one-digit addition and subtraction
-    "add-sub-2": ("+-", range(10, 100)),    # two-digit addition and subtraction
-    "mul-1": ("*", range(2, 10)),           # one-digit multiplication
+    "add-sub-1": ("+-", range(0, 10), range(0, 10)),       # one-digit addition and subtraction
+    "add-sub-2x1": ("+-", range(10, 100), range(0, 10)),   # a two-digit number plus or minus a one-digit number
+    "add-sub-2": ("+-", range(10, 100), range(10, 100)),   # two-digit addition and subtraction
+    "mul-1": ("*", range(2, 10), range(2, 10)),            # one-digit multiplication
 }
 TASK_INSTRUCTION = "Put the final answer in \\boxed{}."
 
 
+def is_ladder_task(spec: str) -> bool:
+    """Whether ``spec`` names a ladder level or its split: "add-sub-1", "add-sub-1:train", "add-sub-1:test"."""
+    level, _, split = spec.partition(":")
+    return level in TASK_LADDER and split in ("", "train", "test")
+
+
 def ladder_problems(level: str, split: str = "train") -> list[tuple[int, str, int]]:
     """Every problem (a, op, b) of a ladder level in one split ("train" or "test", about a fifth), in a fixed order."""
-    ops, operands = TASK_LADDER[level]
-    problems = [(a, op, b) for op in ops for a in operands for b in operands if op != "-" or a >= b]
+    ops, first, second = TASK_LADDER[level]
+    problems = [(a, op, b) for op in ops for a in first for b in second if op != "-" or a >= b]
     held_out = lambda p: int(hashlib.sha256(f"{level}:{p}".encode()).hexdigest(), 16) % 5 == 0  # noqa: E731
     return [p for p in problems if held_out(p) == (split == "test")]
 
@@ -209,7 +217,7 @@ def load_samples(spec: str = BUILTIN_ARITHMETIC, *, limit: int | None = None, se
     """Read ``spec`` (see the module docstring) into samples; ``limit`` keeps the first rows."""
     if spec == BUILTIN_ARITHMETIC:
         samples = arithmetic_samples(limit or 8, seed)
-    elif spec.partition(":")[0] in TASK_LADDER and spec.partition(":")[2] in ("", "train", "test"):
+    elif is_ladder_task(spec):
         samples = ladder_samples(spec, limit, seed)
     else:
         rows = _read_rows(spec)

@@ -1,8 +1,9 @@
-"""Statistics of stored results, with no model code (pandas only): the per-(layer, module) summary of a token table,
-the boundary layer, and unbiased pass@k. See docs/definitions.md."""
+"""Statistics of stored results, with no model code: the per-(layer, module) summary of a token table, the boundary
+layer, unbiased pass@k, and the intervals and tests that compare training runs. See docs/definitions.md."""
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 
 MODULES = ("layer", "attn", "ffn")  # the rows of every layer in the token table, in display order
@@ -63,3 +64,33 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     for i in range(n - c + 1, n + 1):
         product *= 1.0 - k / i
     return 1.0 - product
+
+
+def bootstrap_mean(values, draws: int = 10_000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean and 95 % percentile bootstrap interval of the mean of ``values``: [problems], or [seeds, problems] where
+    both axes are resampled (a seed's runs and a problem's difficulty both vary). Returns (mean, low, high)."""
+    rng = np.random.default_rng(seed)
+    values = np.atleast_2d(np.asarray(values, dtype=float))
+    means = np.empty(draws)
+    for i in range(draws):
+        rows = values[rng.integers(0, values.shape[0], values.shape[0])]
+        means[i] = rows[:, rng.integers(0, values.shape[1], values.shape[1])].mean()
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(values.mean()), float(low), float(high)
+
+
+def seed_level_test(differences) -> dict:
+    """Paired comparison of two methods where the training run is the unit that repeats: ``differences`` holds one
+    number per seed (method B's mean minus method A's, each over the same problems). Returns the mean difference, the
+    95 % paired t interval (``t_low``, ``t_high``) and the two-sided p-value of the exact sign-flip permutation test
+    (all 2^n sign patterns; with 5 seeds the smallest possible p is 2/32 = 0.0625)."""
+    from scipy import stats
+
+    d = np.asarray(differences, dtype=float)
+    if len(d) < 2:
+        raise ValueError(f"a seed-level test needs at least 2 seeds, got {len(d)}")
+    interval = stats.ttest_1samp(d, 0.0).confidence_interval(0.95)
+    flips = stats.permutation_test((d,), np.mean, permutation_type="samples", n_resamples=np.inf,
+                                   alternative="two-sided")
+    return {"mean": float(d.mean()), "t_low": float(interval.low), "t_high": float(interval.high),
+            "sign_flip_p": float(flips.pvalue), "seeds": len(d)}

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import internal_policy as ip
-from internal_policy.data import ladder_problems, load_samples
+from internal_policy.data import TASK_LADDER, ladder_problems, load_samples
 from internal_policy.rl.losses import clipped_policy_loss, loss_normaliser
 from internal_policy.rl.rewards import MathReward, last_number
 
@@ -117,10 +117,20 @@ def test_the_verifier_times_out_outside_the_main_thread(monkeypatch):
 
 
 def test_the_task_ladder_is_seeded_correct_and_never_shows_held_out_problems():
-    for level in ("add-sub-1", "add-sub-2", "mul-1"):
+    for level in TASK_LADDER:
         train, test = set(ladder_problems(level)), set(ladder_problems(level, "test"))
         assert train and test and not train & test
         assert len(test) / (len(train) + len(test)) == pytest.approx(0.2, abs=0.07)
+    # the paper-ratio experiment (figures/experiments.py): its 100 evaluated problems, as evaluation loads them, are
+    # held out, never among the prompts training draws from, for any seed
+    task = "add-sub-2x1"
+    evaluated = load_samples(f"{task}:test", limit=100)
+    assert len(evaluated) == 100 and len(load_samples(f"{task}:test")) >= 300
+    trained_on = {s.prompt[-1]["content"] for seed in (1, 2, 3) for s in load_samples(task, seed=seed)}
+    assert len(trained_on) == len(ladder_problems(task)) and not trained_on & {s.prompt[-1]["content"] for s in evaluated}
+    for s in evaluated:
+        a, op, b = s.prompt[-1]["content"].removeprefix("What is ").split("?")[0].split()
+        assert 10 <= int(a) <= 99 and 0 <= int(b) <= 9 and eval(f"{a} {op} {b}") == int(s.answer) >= 0  # noqa: S307
     samples = load_samples("add-sub-1", limit=20, seed=3)
     assert samples == load_samples("add-sub-1", limit=20, seed=3) != load_samples("add-sub-1", limit=20, seed=4)
     held_out = {s.prompt[-1]["content"] for s in load_samples("add-sub-1:test")}
@@ -138,3 +148,4 @@ def test_the_auto_reward_is_last_number_on_builtin_arithmetic_and_math_elsewhere
     assert ip.TrainConfig(data="arithmetic").reward == "last-number"
     assert ip.TrainConfig(data="math500").reward == "math"
     assert ip.TrainConfig(data="add-sub-1", reward="math").reward == "math"
+    assert ip.TrainConfig(data="add-sub-2x1:test").reward == "last-number"  # every ladder level, from its one owner
