@@ -18,6 +18,7 @@ venv: $(BIN)/ipolicy
 
 demo: venv
 	$(BIN)/ipolicy entropy --out $(OUT)
+	$(BIN)/ipolicy view $(OUT)
 
 test: venv
 	$(BIN)/python -m pytest -q tests

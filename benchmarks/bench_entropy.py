@@ -1,6 +1,7 @@
 """Entropy engine benchmark: speed against the straightforward implementation and the matmul roofline, and memory.
 
     python benchmarks/bench_entropy.py [--problems 8] [--response-tokens 128] [--memory-tokens 3000] [--reference-memory]
+                                       [--top-k 5] [--top-k-only]
 
 Side by side in one process on SmolLM2-135M-Instruct (the embedded model), float32 weights:
 
@@ -13,6 +14,10 @@ Side by side in one process on SmolLM2-135M-Instruct (the embedded model), float
   bfloat16) matmul rate of this machine.
 
 Peak RSS of one long sample is measured in a fresh subprocess per implementation.
+
+``top_k_side_by_side``: what the predictions cost (docs/definitions.md, "What a policy predicts"): the engine without
+and with ``--top-k`` alternating in one process, exact and fast, the 3000-token peak memory of both, and their
+agreement with the straightforward float32 implementation. ``--top-k-only`` measures just that.
 
 With ``--before REV`` the engine of an earlier commit (checked out in a git worktree) is timed against this one,
 side by side: fresh processes, alternating, on the same samples, each timed after a warm-up; the minimum of
@@ -83,8 +88,48 @@ def time_engine(loaded, tokenized, **config) -> float:
     engine = EntropyEngine(loaded, EngineConfig(**config))
     start = time.perf_counter()
     for batch in engine.batches(tokenized):
-        engine.analyse([tokenized[i] for i in batch], sample_index=batch)
+        engine.analyse_batch([tokenized[i] for i in batch], sample_index=batch)
     return time.perf_counter() - start
+
+
+def top_k_side_by_side(loaded, tokenized, samples, k: int, repeats: int, memory_tokens: int) -> dict:
+    """What predictions (top-k and the sampled token's rank) cost and how exact they are: the engine without and with
+    ``top_k`` alternating in this process, ``repeats`` times each (the minimum counts), in both modes; the
+    ``memory_tokens`` peak RSS of both in fresh processes; and the top-k ids, probabilities and ranks of the exact
+    engine against the straightforward float32 implementation (a full softmax per state, stable sort) on two samples."""
+    from reference import reference_token_table
+    from transformers import AutoModelForCausalLM
+
+    out: dict = {"top_k": k}
+    for mode in ("exact", "fast"):
+        times: dict[int, list[float]] = {0: [], k: []}
+        for _ in range(repeats):
+            for top_k in (0, k):
+                times[top_k].append(time_engine(loaded, tokenized, fast=mode == "fast", top_k=top_k))
+        out[f"{mode}_without_s"], out[f"{mode}_with_s"] = times[0], times[k]
+        out[f"{mode}_slowdown"] = min(times[k]) / min(times[0])
+    if memory_tokens > 0:
+        for top_k in (0, k):
+            out[f"memory_top_k_{top_k}"] = [json.loads(subprocess.run(
+                [sys.executable, __file__, "--memory-child", "engine", "--memory-tokens", str(memory_tokens),
+                 "--top-k", str(top_k)], capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+                for _ in range(2)]
+        peaks = {t: min(r["peak_rss_gb"] for r in out[f"memory_top_k_{t}"]) for t in (0, k)}
+        out["memory_ratio"] = peaks[k] / peaks[0]
+    plain = AutoModelForCausalLM.from_pretrained(loaded.hf_model.name_or_path).eval()
+    rows = [{"prompt": s.prompt, "response": s.response} for s in samples[:2]]
+    reference = reference_token_table(plain, loaded.tokenizer, rows, dtype=torch.float32, top_k=k)
+    engine = EntropyEngine(loaded, EngineConfig(top_k=k))
+    mine = pd.concat([engine.analyse_batch([t], [i])[1].to_pandas() for i, t in enumerate(tokenized[:2])])
+    merged = mine.merge(reference, on=["sample_index", "position", "layer", "state"], suffixes=("", "_ref"))
+    out["agreement_rows"] = len(merged)
+    out["top_ids_equal"] = float(sum(list(a) == b for a, b in zip(merged["top_ids"], merged["top_ids_ref"])) / len(merged))
+    out["token_rank_equal"] = float((merged["token_rank"] == merged["token_rank_ref"]).mean())
+    out["token_rank_max_abs_diff"] = int((merged["token_rank"] - merged["token_rank_ref"]).abs().max())
+    out["top_probs_max_abs_diff"] = float(max(abs(x - y) for a, b in zip(merged["top_probs"], merged["top_probs_ref"])
+                                             for x, y in zip(a, b)))
+    out["token_prob_max_abs_diff"] = float((merged["token_prob"] - merged["token_prob_ref"]).abs().max())
+    return out
 
 
 def time_child(samples_file: Path, fast: bool) -> None:
@@ -138,7 +183,7 @@ def side_by_side(before: str, samples: list[Sample], repeats: int, memory_tokens
     return out
 
 
-def memory_child(impl: str, tokens: int) -> None:
+def memory_child(impl: str, tokens: int, top_k: int = 0) -> None:
     """Run in a fresh process: analyse one sample with a ``tokens``-token response; print peak RSS (GB) and time."""
     loaded = load_model("smollm2-135m-instruct", device="cpu")
     text = " ".join(m[-1]["content"] for m in (s.prompt for s in load_samples(DATA, limit=200)))
@@ -147,7 +192,7 @@ def memory_child(impl: str, tokens: int) -> None:
     tokenized = [tokenize_sample(loaded.tokenizer, sample)]
     start = time.perf_counter()
     if impl == "engine":
-        time_engine(loaded, tokenized)
+        time_engine(loaded, tokenized, top_k=top_k)
     else:
         from reference import reference_token_table
         from transformers import AutoModelForCausalLM
@@ -184,10 +229,12 @@ def main() -> None:
     parser.add_argument("--memory-child", choices=["engine", "reference"], help=argparse.SUPPRESS)
     parser.add_argument("--time-child", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--fast", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--top-k", type=int, default=5, help="the predictions' k measured side by side (0: skip)")
+    parser.add_argument("--top-k-only", action="store_true", help="measure only the predictions' cost and agreement")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "entropy.json")
     args = parser.parse_args()
     if args.memory_child:
-        return memory_child(args.memory_child, args.memory_tokens)
+        return memory_child(args.memory_child, args.memory_tokens, args.top_k)
     if args.time_child:
         return time_child(args.time_child, args.fast)
 
@@ -197,6 +244,15 @@ def main() -> None:
     loaded = load_model("smollm2-135m-instruct", device="cpu")
     samples = make_samples(loaded, args.problems, args.response_tokens)
     tokenized = [tokenize_sample(loaded.tokenizer, s) for s in samples]
+    if args.top_k_only:
+        time_engine(loaded, tokenized[:1], fast=True, top_k=args.top_k)  # warm-up, with fast mode's compile
+        results = {"model": "SmolLM2-135M-Instruct", "problems": args.problems,
+                   "response_tokens": sum(len(t.response_ids) for t in tokenized), "threads": torch.get_num_threads(),
+                   **top_k_side_by_side(loaded, tokenized, samples, args.top_k, args.repeats, args.memory_tokens)}
+        out = args.out.with_name("top_k.json") if args.out.name == "entropy.json" else args.out
+        out.write_text(json.dumps(results, indent=2) + "\n")
+        print(json.dumps(results, indent=2))
+        return
     n_tokens = sum(len(t.response_ids) for t in tokenized)
     config = loaded.hf_model.config
     d, vocab, n_layers = config.hidden_size, config.vocab_size, config.num_hidden_layers
@@ -237,11 +293,14 @@ def main() -> None:
     results["straightforward_tokens_per_s"] = n_tokens / results["straightforward_s"]
 
     for impl in (["engine"] + (["reference"] if args.reference_memory else [])) if args.memory_tokens > 0 else []:
-        child = subprocess.run([sys.executable, __file__, "--memory-child", impl, "--memory-tokens", str(args.memory_tokens)],
-                               capture_output=True, text=True, check=True)
+        child = subprocess.run([sys.executable, __file__, "--memory-child", impl, "--memory-tokens", str(args.memory_tokens),
+                                "--top-k", "0"], capture_output=True, text=True, check=True)
         results[f"memory_{impl}"] = json.loads(child.stdout.strip().splitlines()[-1])
 
     results["exact_time_over_5L+1_roofline"] = results["engine_exact_s"] / results["roofline_float32_s"]
+    if args.top_k:
+        results["top_k_side_by_side"] = top_k_side_by_side(loaded, tokenized, samples, args.top_k, args.repeats,
+                                                           args.memory_tokens)
     if args.before:
         results["side_by_side"] = side_by_side(args.before, samples, args.repeats, args.memory_tokens)
 

@@ -68,7 +68,7 @@ def entropy_run(samples: int, work: Path) -> dict:
         shards = len(list((out / ".partial").glob("batch-*.parquet")))
         return -1 if shards == 0 and (out / "tokens.parquet").is_file() else shards
 
-    curve = run_and_sample([sys.executable, "-m", "cli.main", "entropy", "--data", str(data), "--out", str(out),
+    curve = run_and_sample([sys.executable, "-m", "ipolicy_cli.main", "entropy", "--data", str(data), "--out", str(out),
                             "--fast", "--batch-tokens", "1024", "-q"], progress)
     batches = max(point["progress"] for point in curve)
     early = max(p["rss_gb"] for p in curve if 1 <= p["progress"] <= 3)
@@ -82,7 +82,7 @@ def entropy_run(samples: int, work: Path) -> dict:
 
 def training_run(steps: int, work: Path) -> dict:
     out = work / "train"
-    curve = run_and_sample([sys.executable, "-m", "cli.main", "train-grpo", "--data", "arithmetic", "--data-limit", "64",
+    curve = run_and_sample([sys.executable, "-m", "ipolicy_cli.main", "train-grpo", "--data", "arithmetic", "--limit", "64",
                             "--steps", str(steps), "--prompts-per-step", "2", "--group-size", "4",
                             "--max-new-tokens", "16", "--lr", "1e-6", "--save-every", str(steps), "--out", str(out),
                             "-q"],

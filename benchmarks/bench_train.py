@@ -30,7 +30,7 @@ PROMPTS, GROUP, NEW_TOKENS, LR = 4, 8, 48, 1e-6
 
 
 def ipolicy_steps(steps: int, **extra) -> list[dict]:
-    config = TrainConfig(model="smollm2-135m-instruct", data="arithmetic", data_limit=64, steps=steps,
+    config = TrainConfig(model="smollm2-135m-instruct", data="arithmetic", limit=64, steps=steps,
                          prompts_per_step=PROMPTS, group_size=GROUP, max_new_tokens=NEW_TOKENS, lr=LR,
                          micro_batch_size=PROMPTS * GROUP, save_every=10_000, dtype="float32", device="cpu", reward="math",
                          **extra)

@@ -20,10 +20,11 @@ def entropy(
                                    "refusing."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ):
-    """Layer-wise and module-wise internal policy entropy (docs/definitions.md §1–3) over a dataset.
+    """Layer-wise and module-wise internal policy entropy over a dataset, and what each internal policy predicts.
 
-    Writes summary.csv, tokens.parquet, manifest.json, samples.jsonl and the figures entropy_flow.png (Fig. 2) and
-    entropy_change.png (Fig. 3) to --out, then prints the table and the boundary layer.
+    Writes summary.csv, tokens.parquet, predictions.parquet, manifest.json, samples.jsonl and the figures
+    entropy_flow.png (Fig. 2) and entropy_change.png (Fig. 3) to --out, then prints the table and the boundary layer.
+    Every number is defined at https://ipolicy.readthedocs.io/en/latest/definitions/ .
     """
     import internal_policy as ip
     from internal_policy.config import DEFAULT_MODEL

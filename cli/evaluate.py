@@ -18,11 +18,12 @@ def evaluate(
                                    "instead of refusing."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ):
-    """Avg@n and unbiased pass@k (docs/definitions.md §6) per model and dataset, with per-problem details."""
+    """Avg@n and unbiased pass@k per model and dataset, with per-problem details (definitions:
+    https://ipolicy.readthedocs.io/en/latest/definitions/#6-evaluation )."""
     import internal_policy as ip
 
     config = ip.EvalConfig(**options)
-    summary = ip.evaluate(config, out=out, progress=not quiet, overwrite=overwrite)
+    summary = ip.evaluate(config, out=out, progress=not quiet, overwrite=overwrite).summary
     table = Table(title=f"Avg@{config.n} and pass@k", title_style="bold")
     for column in summary.columns:
         table.add_column(str(column), justify="right")

@@ -11,20 +11,31 @@ import logging
 import os
 
 import typer
+import typer.core
 from rich.console import Console
 
-from internal_policy.config import EntropyConfig, EvalConfig, TrainConfig
+from internal_policy.config import DEFINITIONS_URL, DOCS_URL, EntropyConfig, EvalConfig, TrainConfig
 from internal_policy.errors import IPolicyError
 
-from . import entropy, evaluate, figures, train
+from . import entropy, evaluate, figures, train, view
 from .options import as_flags, command_from_config, flags
+
+_display_type = typer.core.TyperOption.display_type_rich
+
+
+def _flag_without_type(self, ctx):
+    """A flag (--fast, --overwrite, --help) takes no value: Typer 0.29 would still print it a <bool> type."""
+    return None if self.is_flag else _display_type(self, ctx)
+
+
+typer.core.TyperOption.display_type_rich = _flag_without_type
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     rich_markup_mode="rich",
-    help="Internal policy entropy of causal LMs (layer-wise and module-wise), and GRPO/BuPO training. "
-         "Definitions: docs/definitions.md.",
+    help="Internal policy entropy of causal LMs (layer-wise and module-wise), what each internal policy predicts, and "
+         f"GRPO/BuPO training. Guide: {DOCS_URL} · definitions of every number: {DEFINITIONS_URL}",
 )
 console = Console(stderr=True)
 FLAGS = flags(EntropyConfig, TrainConfig, EvalConfig)
@@ -75,10 +86,23 @@ app.command("eval")(friendly_errors(
     command_from_config(evaluate.evaluate, EvalConfig),
     "finished (model, dataset) pairs are kept; rerun the same command to resume."))
 app.command("figures")(friendly_errors(figures.figures))
+app.command("view")(friendly_errors(view.view))
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            print(f"ipolicy {version('ipolicy')}")
+        except PackageNotFoundError:  # a source tree that was not installed
+            print("ipolicy (not installed)")
+        raise typer.Exit()
 
 
 @app.callback()
-def main() -> None:
+def main(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                      help="Print the version and exit.")) -> None:
     """Internal policy entropy of causal LMs (layer-wise and module-wise), and GRPO/BuPO training."""
 
 

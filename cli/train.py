@@ -7,8 +7,11 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-GRPO_HELP = "GRPO (docs/definitions.md §4): group-normalised advantages and the clipped surrogate on the full policy."
-BUPO_HELP = ("BuPO (docs/definitions.md §5): GRPO on the internal layer policy pi(h_K) for --internal-steps steps, then "
+from internal_policy.config import DEFINITIONS_URL
+
+GRPO_HELP = (f"GRPO ({DEFINITIONS_URL}#4-grpo): group-normalised advantages and the clipped surrogate on the full "
+             "policy.")
+BUPO_HELP = (f"BuPO ({DEFINITIONS_URL}#5-bupo): GRPO on the internal layer policy pi(h_K) for --internal-steps steps, then "
              "on the full policy.")
 
 
@@ -22,8 +25,8 @@ def train(
 ):
     import internal_policy as ip
 
-    rows = ip.train(ip.TrainConfig(**options), out=out, resume=resume, progress=not quiet)
-    if rows:
-        last = rows[-1]
+    result = ip.train(ip.TrainConfig(**options), out=out, resume=resume, progress=not quiet)
+    if len(result.metrics):
+        last = result.metrics.iloc[-1]
         Console().print(f"step {last['step']}: reward {last['reward_mean']:.3f}, accuracy {last['accuracy']:.3f}, "
                         f"entropy {last['entropy']:.3f}. Run: [bold]{out}[/]")

@@ -61,8 +61,9 @@ def train(runs: Path, name: str, steps: int, seed: int, save_every: int | None =
 def evaluate(runs: Path, model: str, name: str) -> pd.DataFrame:
     """Per-problem accuracy (the terms of Avg@4) and pass@4 of one model on the held-out problems, in problem order;
     an evaluation already in ``runs/eval/name`` is reused."""
-    ip.evaluate(models=[model], datasets=[HELD_OUT], n=4, k=(1, 4), max_new_tokens=32, reward="last-number",
-                out=runs / "eval" / name)
+    if not (runs / "eval" / name / "problems.csv").is_file():
+        ip.evaluate(model=[model], data=[HELD_OUT], n=4, k=(1, 4), max_new_tokens=32, reward="last-number",
+                    out=runs / "eval" / name)
     return pd.read_csv(runs / "eval" / name / "problems.csv").sort_values("problem")[["accuracy", "pass@4"]]
 
 
@@ -170,8 +171,9 @@ def evaluate_at_64(root: Path, model: str, name: str) -> pd.DataFrame:
     """n = 64 responses on each of the first 100 held-out problems (in the seed-0 order, the same for every model):
     per-problem accuracy (the terms of Avg@64) and unbiased pass@k, in problem order; reused when done."""
     c = PAPER_RATIO
-    ip.evaluate(models=[model], datasets=[f"{c['task']}:test"], n=c["n"], k=c["ks"], limit=c["problems"],
-                max_new_tokens=c["max_new_tokens"], reward="last-number", batch_size=256, out=root / "eval" / name)
+    if not (root / "eval" / name / "problems.csv").is_file():
+        ip.evaluate(model=[model], data=[f"{c['task']}:test"], n=c["n"], k=c["ks"], limit=c["problems"],
+                    max_new_tokens=c["max_new_tokens"], reward="last-number", batch_size=256, out=root / "eval" / name)
     columns = ["problem", "accuracy", *(f"pass@{k}" for k in c["ks"])]
     return pd.read_csv(root / "eval" / name / "problems.csv").sort_values("problem")[columns].reset_index(drop=True)
 

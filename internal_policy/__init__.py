@@ -8,7 +8,7 @@ Everything a notebook needs is here; every ``ipolicy`` command is one of these c
     result.summary, result.tokens, result.boundary, result.plot_flow()
     ip.compare(["runs/bupo"], data="math500", limit=8)                          # across checkpoints
     ip.train(ip.TrainConfig(internal_layer=5, internal_steps=2), out="runs/bupo")  # ipolicy train-bupo
-    ip.evaluate(models=["runs/bupo"], datasets=["amc23"], out="runs/eval")        # ipolicy eval
+    ip.evaluate(model=["runs/bupo"], data=["amc23"], out="runs/eval")            # ipolicy eval
 
 Definitions of every number: docs/definitions.md. Names are imported on first use, so ``import internal_policy``
 is instant and loads neither torch nor transformers until a model is needed.
@@ -41,7 +41,8 @@ _EXPORTS = {
     # statistics
     "summarize": "stats", "boundary_layer": "stats", "pass_at_k": "stats",
     # training and evaluation
-    "train": "rl.trainer", "Trainer": "rl.trainer", "evaluate": "evaluation",
+    "train": "rl.trainer", "Trainer": "rl.trainer", "TrainResult": "rl.trainer",
+    "evaluate": "evaluation", "EvalResult": "evaluation",
     # result folders and figures
     "RunFolder": "runs", "figures_from_results": "figures",
 }
@@ -66,13 +67,13 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .data import BUILTIN_DATASETS, Sample, TokenizedSample, load_samples, tokenize_sample
     from .entropy_run import EntropyResult, analyse, compare
     from .errors import IPolicyError
-    from .evaluation import evaluate
+    from .evaluation import EvalResult, evaluate
     from .figures import figures_from_results
     from .lens.engine import EntropyEngine
     from .lens.policy import PolicyHead
     from .lens.refinement import feature_refinement
     from .models import LoadedModel, load_model
     from .rl.generation import generate_responses
-    from .rl.trainer import Trainer, train
+    from .rl.trainer import Trainer, TrainResult, train
     from .runs import RunFolder
     from .stats import boundary_layer, pass_at_k, summarize

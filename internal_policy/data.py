@@ -40,13 +40,19 @@ Prompt = str | list[dict[str, str]]
 
 @dataclass
 class Sample:
-    """One prompt with an optional response and ground truth. ``prompt`` is a string or chat messages."""
+    """One prompt with an optional response and ground truth. ``prompt`` is a string or chat messages.
+
+    ``eos``: the stop token that ended the response (its text, e.g. ``"<|im_end|>"``), or None when the response is
+    the text alone (given text, or a generated response cut at ``max_new_tokens``). A stop token is analysed as the
+    response's last token: the model decided to stop there (docs/definitions.md §2).
+    """
 
     id: str
     prompt: Prompt
     response: str | None = None
     answer: str | None = None
     source: str = ""
+    eos: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -163,13 +169,17 @@ def _row_to_sample(row: dict[str, Any], index: int, source: str) -> Sample:
     for key in ("answer", "final_answer", "ground_truth"):
         if answer is None and row.get(key) is not None:
             answer = row[key]
-    response = row.get("response")
+    response, eos = row.get("response"), row.get("eos")
+    if eos is not None and not isinstance(eos, str):
+        raise IPolicyError(f"Row {index} of '{source}': 'eos' must be the stop token's text (e.g. \"<|im_end|>\"), got "
+                           f"{eos!r}. Fix: change it, or leave it out to analyse the response text alone.")
     return Sample(
         id=str(row.get("id", f"{Path(source).stem}-{index}")),
         prompt=prompt,
         response=None if response is None else str(response),
         answer=None if answer is None else str(answer),
         source=str(row.get("data_source", source)),
+        eos=eos,
     )
 
 
@@ -178,19 +188,23 @@ def builtin_dataset_path(name: str) -> Path:
     return Path(__file__).parent / "datasets" / BUILTIN_DATASETS[name]
 
 
+def _parquet_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a parquet file as plain Python values: a null stays None (pandas would turn a null in a string
+    column into the text "nan", and an integer column with nulls into floats: "4.0")."""
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path).to_pylist()
+
+
 def _read_rows(spec: str) -> list[dict[str, Any]]:
     if spec in BUILTIN_DATASETS:
-        import pandas as pd
-
-        return pd.read_parquet(builtin_dataset_path(spec)).to_dict("records")
+        return _parquet_rows(builtin_dataset_path(spec))
     path = Path(spec).expanduser()
     if path.suffix in (".jsonl", ".json", ".parquet") or path.exists():
         if not path.is_file():
             raise IPolicyError(f"Data file '{spec}' does not exist. Fix: check the path, or use `data` 'arithmetic'.")
         if path.suffix == ".parquet":
-            import pandas as pd
-
-            return pd.read_parquet(path).to_dict("records")
+            return _parquet_rows(path)
         text = path.read_text()
         try:
             if path.suffix == ".json":
@@ -199,6 +213,7 @@ def _read_rows(spec: str) -> list[dict[str, Any]]:
             return [json.loads(line) for line in text.splitlines() if line.strip()]
         except json.JSONDecodeError as error:
             raise IPolicyError(f"'{spec}' is not valid JSON lines ({error}). Fix: one JSON object per line.") from error
+    _refuse_near_misses(spec)
     name, _, split = spec.partition(":")
     try:
         import datasets
@@ -213,8 +228,39 @@ def _read_rows(spec: str) -> list[dict[str, Any]]:
     return list(dataset)
 
 
+def data_location(spec: str) -> str:
+    """``data`` as a fingerprint records it: a local file as an absolute path (``rows.jsonl`` and ``/abs/rows.jsonl``
+    are one file), anything else (a built-in name, a Hub dataset) as given."""
+    path = Path(spec).expanduser()
+    return str(path.resolve()) if path.is_file() else spec
+
+
+def _refuse_near_misses(spec: str) -> None:
+    """A `data` that is no file and no built-in name but looks like one (``math-500``, ``add-sub-1:tset``) is a typo,
+    refused at once with the name it was probably meant to be, rather than spending half a minute on Hub retries.
+    Hub datasets are named OWNER/NAME, so a spec with a '/' is left to the Hub."""
+    import difflib
+
+    level, _, split = spec.partition(":")
+    if level in TASK_LADDER:
+        raise IPolicyError(f"`data` '{spec}': the task {level} has the splits train (the default) and test, not "
+                           f"'{split}'. Fix: use '{level}' or '{level}:test'.")
+    if "/" in level:
+        return
+    names = [BUILTIN_ARITHMETIC, *BUILTIN_DATASETS, *TASK_LADDER, *(f"{name}:test" for name in TASK_LADDER)]
+    close = difflib.get_close_matches(spec, names, n=1, cutoff=0.6)
+    if close:
+        raise IPolicyError(f"`data` '{spec}' is neither a file nor a built-in name. Fix: did you mean '{close[0]}'? "
+                           f"(Built-in: {', '.join(names)}; a Hub dataset is named OWNER/NAME.)")
+
+
 def load_samples(spec: str = BUILTIN_ARITHMETIC, *, limit: int | None = None, seed: int = 0) -> list[Sample]:
-    """Read ``spec`` (see the module docstring) into samples; ``limit`` keeps the first rows."""
+    """Read ``spec`` (see the module docstring) into samples; ``limit`` keeps the first rows.
+
+    >>> first = load_samples("add-sub-1:test", limit=2, seed=0)[0]
+    >>> first.prompt[-1]["content"].split("?")[0], first.answer
+    ('What is 1 + 5', '6')
+    """
     if spec == BUILTIN_ARITHMETIC:
         samples = arithmetic_samples(limit or 8, seed)
     elif is_ladder_task(spec):
@@ -247,13 +293,34 @@ def encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def stop_token_id(tokenizer, eos: str) -> int:
+    """The id of stop token ``eos`` in this tokenizer's vocabulary, or, where it has no such token (another model
+    family analysing the same responses), the tokenizer's own EOS token (docs/definitions.md §2)."""
+    token_id = tokenizer.convert_tokens_to_ids(eos)
+    if token_id is None or (token_id == tokenizer.unk_token_id and eos != tokenizer.unk_token):
+        token_id = tokenizer.eos_token_id
+    if token_id is None:
+        raise IPolicyError(f"The response ends with the stop token {eos!r}, but this tokenizer has neither that token nor "
+                           "an EOS token. Fix: drop 'eos' from the samples, or use a tokenizer with an EOS token.")
+    return token_id
+
+
+def check_prompt_fits(sample_id: str, n_prompt: int, max_new_tokens: int, context: int | None) -> None:
+    """Refuse a prompt of ``n_prompt`` tokens whose response of up to ``max_new_tokens`` cannot fit the model's
+    ``context`` (tokens; None: the model does not say). The one such check, for generation and training alike."""
+    if context is not None and n_prompt + max_new_tokens > context:
+        raise IPolicyError(f"Sample '{sample_id}' has a {n_prompt}-token prompt; with `max_new_tokens` {max_new_tokens} "
+                           f"it exceeds the model's context of {context}. Fix: lower `max_new_tokens`, or drop the row.")
+
+
 def tokenize_sample(tokenizer, sample: Sample, context_length: int | None = None,
                     chat_template_kwargs: dict | None = None) -> TokenizedSample:
-    """docs/definitions.md §2: prompt and response tokenized separately, without special tokens, then concatenated."""
+    """docs/definitions.md §2: prompt and response tokenized separately, without special tokens, then concatenated;
+    a response that ended with a stop token (``sample.eos``) has that token as its last token."""
     if sample.response is None:
         raise ValueError(f"sample {sample.id} has no response to analyse")
     prompt_ids = encode(tokenizer, render_prompt(tokenizer, sample.prompt, chat_template_kwargs))
-    response_ids = encode(tokenizer, sample.response)
+    response_ids = encode(tokenizer, sample.response) + ([stop_token_id(tokenizer, sample.eos)] if sample.eos else [])
     if not prompt_ids:
         raise IPolicyError(f"Sample '{sample.id}' has an empty prompt. Fix: drop the row or give it a prompt.")
     total = len(prompt_ids) + len(response_ids)
@@ -273,3 +340,11 @@ def write_jsonl(path: Path, samples: list[Sample]) -> None:
 
 def read_jsonl_samples(path: Path) -> list[Sample]:
     return [Sample(**json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+
+
+def samples_digest(samples: list[Sample]) -> str:
+    """A short content hash of samples (ids, prompts, responses, answers, stop tokens; not ``source``, which names where
+    a row was read and is the same file however it is spelled): two runs on the same digest analyse the same text."""
+    text = json.dumps([{k: v for k, v in s.to_json().items() if k != "source"} for s in samples], sort_keys=True,
+                      ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -2,20 +2,62 @@
 
 from __future__ import annotations
 
+import gc
 import json
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
 
 from .config import EvalConfig, default_reward, parse_chat_template_kwargs
-from .data import encode, load_samples, render_prompt
+from .data import encode, load_samples, render_prompt, samples_digest
 from .errors import IPolicyError
-from .models import load_model, model_files
+from .models import load_model, model_files, model_identity
 from .rl.generation import SamplingConfig, sample_responses, sample_responses_vllm
 from .rl.rewards import load_reward, score
-from .runs import EvalFolder, folder_lock, run_checkpoints
+from .runs import Checkpoint, EvalFolder, checkpoint_series, folder_lock
 from .stats import pass_at_k
+
+
+@dataclass
+class EvalResult:
+    """What an evaluation measured (docs/definitions.md §6 and "ipolicy eval").
+
+    ``summary``: one row per (model, dataset): ``avg@N``, the mean ``pass@k`` for each k, ``problems``;
+    ``problems``: one row per (model, dataset, problem): ``n``, ``correct``, ``answer``, ``accuracy``, ``pass@k``;
+    ``responses``: one row per response with its reward and verdict; ``out``: the folder, or None when nothing was
+    written.
+    """
+
+    summary: pd.DataFrame
+    problems: pd.DataFrame
+    config: dict
+    responses: pd.DataFrame = field(repr=False)
+    out: Path | None = None
+
+    def __repr__(self) -> str:
+        models, datasets = self.summary["model"].nunique(), self.summary["dataset"].nunique()
+        n = self.config.get("n")
+        return (f"EvalResult({models} model(s) x {datasets} dataset(s), n={n}, "
+                f"{len(self.problems)} problem rows, out={str(self.out) if self.out else None!r})")
+
+    def plot_pass_at_k(self):
+        """Mean pass@k against k per model, one panel per dataset (the paper's Fig. 6 view)."""
+        from . import figures
+
+        return figures.pass_at_k_curves(self.problems)
+
+    @classmethod
+    def load(cls, out: str | Path) -> "EvalResult":
+        """The result of a finished evaluation, read back from its folder."""
+        out = Path(out)
+        if not (out / "summary.json").is_file():
+            raise IPolicyError(f"'{out}' holds no finished evaluation (no summary.json). Fix: run `evaluate` into it.")
+        manifest = json.loads((out / "summary.json").read_text())
+        responses = pd.DataFrame([json.loads(line) for path in sorted((out / "responses").glob("*.jsonl"))
+                                  for line in path.read_text().splitlines() if line.strip()])
+        return cls(pd.read_csv(out / "summary.csv"), pd.read_csv(out / "problems.csv"), manifest.get("config", {}),
+                   responses, out)
 
 
 def _sample_and_score(tokenizer, generate, samples, n: int, reward_fn, chat: dict) -> list[dict]:
@@ -32,60 +74,84 @@ def _sample_and_score(tokenizer, generate, samples, n: int, reward_fn, chat: dic
     return rows
 
 
-def _model_labels(models: tuple[str, ...]) -> list[tuple[str, str]]:
-    """(label, model) for every model and every checkpoint of every run folder; repeated labels made unique."""
-    targets = [(label, model) for spec in models for label, _, model in run_checkpoints(spec)]
-    labels = [label for label, _ in targets]
-    return [(f"{label}#{t}" if labels.count(label) > 1 else label, model) for t, (label, model) in enumerate(targets)]
+def _model_labels(config: EvalConfig) -> list[tuple[str, Checkpoint]]:
+    """(label, checkpoint) for every model and every checkpoint of every series (runs.checkpoint_series); repeated
+    labels made unique."""
+    targets = [c for spec in config.model for c in checkpoint_series(spec, config.base_model, config.revisions).checkpoints]
+    labels = [c.label for c in targets]
+    return [(f"{c.label}#{t}" if labels.count(c.label) > 1 else c.label, c) for t, c in enumerate(targets)]
 
 
-def evaluate(config: EvalConfig | None = None, *, out: str | Path, progress: bool = False, overwrite: bool = False,
-             **options) -> pd.DataFrame:
-    """Sample ``config.n`` responses per problem for every (model, dataset) and score them; returns the summary
-    (Avg@n and mean pass@k per model and dataset). ``config`` fields may be given as keywords.
+def evaluate(config: EvalConfig | None = None, *, out: str | Path | None = None, progress: bool = False,
+             overwrite: bool = False, **options) -> EvalResult:
+    """Sample ``config.n`` responses per problem for every (model, dataset) and score them: Avg@n and unbiased pass@k.
+    ``config`` fields may be given as keywords (``evaluate(model=["runs/grpo"], data=["amc23"], n=16)``).
 
-    Writes to ``out`` (docs/definitions.md, "ipolicy eval"): responses/ (one atomic file per pair, so a rerun into
-    ``out`` skips the pairs already done), problems.csv, summary.csv and summary.json."""
+    With ``out`` the folder is written (docs/definitions.md, "ipolicy eval"): responses/ (one atomic file per
+    (model, dataset), named by the model's identity and the problems' content, so that a rerun samples only what is
+    missing, and another model, dataset or new checkpoint extends the folder), problems.csv, summary.csv and
+    summary.json. Other sampling settings into the same ``out`` are refused unless ``overwrite``."""
     config = replace(config, **options) if config is not None else EvalConfig(**options)
+    if out is None:
+        return _evaluate(config, None, progress)
+    from .models import resolve_device, resolve_dtype
+
+    fingerprint = {**config.fingerprint(),  # the dtype the weights really have: "auto" differs between CPU and GPU
+                   "dtype": str(resolve_dtype(config.dtype, resolve_device(config.device))).removeprefix("torch.")}
     with folder_lock(out):  # one writer per folder
-        return _evaluate(config, EvalFolder(Path(out), config.fingerprint(), overwrite), progress)
+        return _evaluate(config, EvalFolder(Path(out), fingerprint, overwrite), progress)
 
 
-def _evaluate(config: EvalConfig, folder: EvalFolder, progress: bool) -> pd.DataFrame:
-    data = {d: load_samples(d, limit=config.limit, seed=config.seed) for d in config.datasets}
+def _evaluate(config: EvalConfig, folder: EvalFolder | None, progress: bool) -> EvalResult:
+    data = {d: load_samples(d, limit=config.limit, seed=config.seed) for d in config.data}
     rewards = {d: default_reward(d) if config.reward == "auto" else config.reward for d in data}
     reward_fns = {spec: load_reward(spec) for spec in set(rewards.values())}
     for name, samples in data.items():
         if rewards[name] == "math" and any(s.answer is None for s in samples):
             raise IPolicyError(f"Dataset '{name}' has rows without a ground truth. Fix: add answers or use a custom "
                                "`reward` (FILE.py:FUNCTION).")
-    targets = _model_labels(config.models)
+    targets = _model_labels(config)
     chat = parse_chat_template_kwargs(config.chat_template_kwargs)
     sampling = SamplingConfig(config.max_new_tokens, config.temperature, config.top_p, config.batch_size, config.seed)
-    for label, model in targets:
-        todo = [name for name in data if not folder.responses_path(label, name).is_file()]
+    digests = {name: samples_digest(samples) for name, samples in data.items()}
+    stored: dict[tuple[str, str], list[dict]] = {}
+    for label, checkpoint in targets:
+        model, revision, base = checkpoint.model, checkpoint.revision, checkpoint.base_model or config.base_model
+        identity = json.dumps(model_identity(model, revision, base), sort_keys=True)
+        paths = {name: folder.responses_path(label, identity, name, digests[name]) if folder else None for name in data}
+        reuse = folder is not None and folder.holds_previous_results  # not what `overwrite` is about to replace
+        todo = [name for name in data if not (reuse and paths[name].is_file())]
+        for name in data:
+            if name not in todo:  # done by an earlier run into this folder: not even loaded
+                stored[label, name] = [json.loads(line) for line in paths[name].read_text().splitlines() if line.strip()]
         if not todo:
-            continue  # done in an earlier run: not even loaded
+            continue
         if config.rollouts == "vllm":  # vLLM loads the weights itself; only the tokenizer is needed here
-            files = model_files(model)
+            files = model_files(model, revision=revision)
             tokenizer = files.tokenizer
-            generate = lambda ids, n: sample_responses_vllm(files.location, ids, sampling, n, config.dtype, progress)  # noqa: E731
+            generate = lambda ids, n: sample_responses_vllm(files.location, ids, sampling, n, config.dtype, progress,  # noqa: E731
+                                                            revision=revision)
         else:
-            loaded = load_model(model, dtype=config.dtype, device=config.device)
+            loaded = load_model(model, dtype=config.dtype, device=config.device, revision=revision, base_model=base)
             tokenizer = loaded.tokenizer
             generate = lambda ids, n: sample_responses(loaded, ids, sampling, n, progress)  # noqa: E731
         for name in todo:
-            rows = _sample_and_score(tokenizer, generate, data[name], config.n, reward_fns[rewards[name]], chat)
-            folder.write_responses(folder.responses_path(label, name),
-                                   [{"model": label, "dataset": name, **r} for r in rows])
+            rows = [{"model": label, "dataset": name, **r}
+                    for r in _sample_and_score(tokenizer, generate, data[name], config.n, reward_fns[rewards[name]], chat)]
+            if folder is not None:
+                folder.write_responses(paths[name], rows)
+            stored[label, name] = rows
+        loaded = generate = None  # the next model loads with this one's memory free
+        gc.collect()
 
-    paths = [folder.responses_path(label, name) for label, _ in targets for name in data]
-    responses = pd.DataFrame([json.loads(line) for path in paths for line in path.read_text().splitlines()])
+    responses = pd.DataFrame([row for label, _ in targets for name in data for row in stored[label, name]])
     problems, summary = _score_tables(responses, config)
-    folder.finish(problems, summary, {"config": config.__dict__, "results": summary.to_dict("records"),
-                                      "rewards": rewards,
-                                      "verifier_failures": sum(getattr(f, "failures", 0) for f in reward_fns.values())})
-    return summary
+    manifest = {"config": config.__dict__, "results": summary.to_dict("records"), "rewards": rewards,
+                "verifier_failures": sum(getattr(f, "failures", 0) for f in reward_fns.values())}
+    if folder is not None:
+        folder.finish(problems, summary, manifest)
+    return EvalResult(summary, problems, json.loads(json.dumps(manifest["config"], default=str)), responses,
+                      folder.out if folder else None)
 
 
 def _score_tables(responses: pd.DataFrame, config: EvalConfig) -> tuple[pd.DataFrame, pd.DataFrame]:

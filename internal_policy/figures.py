@@ -8,6 +8,7 @@ seaborn settings (a notebook's theme) are left as they were.
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 
 import matplotlib.pyplot as plt  # headless, matplotlib picks Agg by itself; in a notebook, the inline backend
@@ -16,7 +17,7 @@ import seaborn as sns
 
 from .errors import IPolicyError
 from .io import atomic_path
-from .runs import RunFolder, folder_lock
+from .runs import RunFolder, folder_lock, trainer_metrics
 from .stats import boundary_layer
 
 PALETTE = {"layer input": "#4C72B0", "attention output": "#DD8452", "FFN output": "#55A868", "layer output": "#C44E52"}
@@ -89,13 +90,19 @@ def entropy_change(summary: pd.DataFrame, boundary: int | None = None, title: st
     return fig
 
 
+def _tick_step(n: int, most: int = 12) -> int:
+    """Label every k-th row of a heatmap so that at most ``most`` labels share an axis (30 layers: every 3rd)."""
+    return max(1, -(-n // most))
+
+
 @_styled
 def entropy_dynamics(summary: pd.DataFrame, module: str = "layer"):
     """Entropy of each layer's output policy across checkpoints: a layer x step heatmap and one line per layer."""
     part = summary[summary["module"] == module]
     grid = part.pivot_table(index="layer", columns="step", values="entropy_out_mean")
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [1.1, 1]})
-    sns.heatmap(grid, ax=left, cmap="viridis", cbar_kws={"label": "mean entropy H(h_l) (nats)"})
+    sns.heatmap(grid, ax=left, cmap="viridis", cbar_kws={"label": "mean entropy H(h_l) (nats)"},
+                yticklabels=_tick_step(len(grid.index)), xticklabels=_tick_step(len(grid.columns)))
     left.invert_yaxis()
     left.set_xlabel("training step")
     left.set_ylabel("layer l")
@@ -123,7 +130,8 @@ def entropy_dynamics_side_by_side(summaries: dict[str, pd.DataFrame], module: st
     fig, axes = plt.subplots(1, len(grids), figsize=(5.2 * len(grids), 4.2), squeeze=False)
     for i, (ax, (label, grid)) in enumerate(zip(axes[0], grids.items())):
         sns.heatmap(grid, ax=ax, cmap="viridis", vmin=low, vmax=high, cbar=i == len(grids) - 1,
-                    cbar_kws={"label": "mean entropy H(h_l) (nats)"})
+                    cbar_kws={"label": "mean entropy H(h_l) (nats)"}, yticklabels=_tick_step(len(grid.index)),
+                    xticklabels=_tick_step(len(grid.columns)))
         ax.invert_yaxis()
         ax.set(xlabel="training step", ylabel="layer l" if i == 0 else "", title=label)
     fig.suptitle("Layer policy entropy across checkpoints (one colour scale)", y=1.02)
@@ -169,14 +177,16 @@ def training_curves(runs: dict[str, pd.DataFrame]):
         frame["method"] = label.split(" seed")[0]
         frames.append(frame)
     data = pd.concat(frames, ignore_index=True)
-    fig, axes = plt.subplots(1, len(TRAINING_PANELS), figsize=(4.0 * len(TRAINING_PANELS), 3.6))
-    for ax, (column, label) in zip(axes, TRAINING_PANELS):
+    panels = [(column, label) for column, label in TRAINING_PANELS if column in data and data[column].notna().any()]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.0 * len(panels), 3.6), squeeze=False)
+    axes = axes[0]
+    for ax, (column, label) in zip(axes, panels):
         sns.lineplot(data=data, x="step", y=column, hue="method", errorbar=("pi", 100), ax=ax, marker="o", markersize=3)
         ax.set_xlabel("training step")
         ax.set_ylabel(label)
         if ax is not axes[0] and ax.get_legend():
             ax.get_legend().remove()
-    internal = data[data["phase"] == "internal"]["step"]
+    internal = data[data["phase"] == "internal"]["step"] if "phase" in data else []
     if len(internal):
         for ax in axes:
             ax.axvspan(0.5, internal.max() + 0.5, color="gray", alpha=0.08, linewidth=0)
@@ -229,13 +239,42 @@ def figures_from_results(results: list[Path], out: Path, formats: tuple[str, ...
         return _figures_from_results(results, Path(out), formats)
 
 
+def _figure_names(results: list[Path]) -> dict[Path, str]:
+    """A distinct file-name prefix per result folder: its name, or, where two folders share one, the name with its
+    parent's (and, where that too is shared, a number), so that no result's figures overwrite another's."""
+    names = {}
+    for folder in results:
+        name = folder.name
+        if sum(f.name == folder.name for f in results) > 1:
+            name = f"{folder.parent.name}-{folder.name}"
+        while name in names.values():
+            name = f"{name}-{len(names)}"
+        names[folder] = name
+    return names
+
+
+def _boundary_tolerance(folder: Path) -> float:
+    """The tolerance the run found its boundary layer with (manifest.json), else the default."""
+    from .config import BOUNDARY_TOLERANCE
+
+    manifest = folder / "manifest.json"
+    if manifest.is_file():
+        data = json.loads(manifest.read_text())
+        for entry in [data, *data.get("checkpoints", [])[-1:]]:
+            if "boundary_tolerance_nats" in entry:
+                return float(entry["boundary_tolerance_nats"])
+    return BOUNDARY_TOLERANCE
+
+
 def _figures_from_results(results: list[Path], out: Path, formats: tuple[str, ...]) -> list[Path]:
     written: list[Path] = []
     runs: dict[str, pd.DataFrame] = {}
     dynamics: dict[str, pd.DataFrame] = {}  # across-checkpoint summaries, drawn together at the end
     refined: set[int] = set()  # the layers whose refinement was measured
-    for folder in map(Path, results):
-        name = folder.name
+    results = [Path(r) for r in results]
+    names = _figure_names(results)
+    for folder in results:
+        name = names[folder]
         if (folder / "summary.csv").is_file() and "layer" in pd.read_csv(folder / "summary.csv", nrows=1).columns:
             summary = pd.read_csv(folder / "summary.csv")
             norm = str(summary["norm_mode"].iloc[0]) if "norm_mode" in summary else "none"
@@ -243,8 +282,9 @@ def _figures_from_results(results: list[Path], out: Path, formats: tuple[str, ..
                 dynamics[name] = summary
                 written += save_figure(entropy_dynamics(summary), out / f"{name}_entropy_dynamics", formats)
                 summary = summary[summary["step"] == summary["step"].max()]
+            boundary = boundary_layer(summary, _boundary_tolerance(folder))
             written += save_figure(entropy_flow(summary, f"{name}: internal policy entropy", norm), out / f"{name}_entropy_flow", formats)
-            written += save_figure(entropy_change(summary, boundary_layer(summary), f"{name}: module entropy change", norm),
+            written += save_figure(entropy_change(summary, boundary, f"{name}: module entropy change", norm),
                                    out / f"{name}_entropy_change", formats)
             if (folder / "refinement.csv").is_file():
                 refinement = pd.read_csv(folder / "refinement.csv")
@@ -252,7 +292,14 @@ def _figures_from_results(results: list[Path], out: Path, formats: tuple[str, ..
                 written += save_figure(feature_refinement(refinement), out / f"{name}_refinement", formats)
         elif RunFolder(folder).metrics_path.is_file():
             run = RunFolder(folder)
-            runs[run.label()] = run.metrics()
+            label = run.label()
+            runs[label if label not in runs else f"{label} ({name})"] = run.metrics()  # same seed, another run
+        elif (metrics := trainer_metrics(folder)) is not None:  # a TRL / HF Trainer output folder
+            runs[f"{name} (TRL)"] = metrics
+        elif any(folder.glob("global_step_*/actor")):
+            raise IPolicyError(f"'{folder}' is a verl run, whose training metrics live in its logger (console, wandb), "
+                               "not in its checkpoints. Fix: analyse its checkpoints with `ipolicy entropy --run "
+                               f"{folder}` and pass that result to `ipolicy figures`.")
         elif (folder / "problems.csv").is_file():
             written += save_figure(pass_at_k_curves(pd.read_csv(folder / "problems.csv")), out / f"{name}_pass_at_k", formats)
         else:

@@ -20,14 +20,27 @@ def write_error(path: Path, error: OSError, kept: str = "") -> IPolicyError:
                         "(or fix its permissions) and rerun, or choose another `out`.")
 
 
+def user_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def normal_file_mode() -> int:
+    """The permissions the user's umask gives a new file (0o644 under the usual umask 022)."""
+    return 0o666 & ~user_umask()
+
+
 @contextmanager
 def atomic_path(path: Path):
     """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename. A failed write leaves
-    ``path`` as it was and raises one ``IPolicyError`` line."""
+    ``path`` as it was and raises one ``IPolicyError`` line. The file gets the permissions of a normal new file
+    (mkstemp's are 0600, which would hide results in a shared folder from colleagues)."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.fchmod(fd, normal_file_mode())
         os.close(fd)
     except OSError as error:
         raise write_error(path, error) from error

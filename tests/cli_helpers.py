@@ -1,6 +1,6 @@
 from typer.testing import CliRunner
 
-from cli.main import app
+from ipolicy_cli.main import app
 
 
 def run_cli(*args: str):

@@ -12,19 +12,49 @@ import torch
 
 
 def layout(model) -> dict:
-    """Where each state of the definitions lives in a Hugging Face model, by family (read off the modeling code):
-    the decoder, its blocks, the final norm, and per block the modules whose output is LN1(h), a_l, LN2(m_l) (its
-    input is m_l) and f_l."""
+    """Where each state of the definitions lives in a Hugging Face model, by family (read off the modeling code): the
+    decoder, its blocks, the final norm, and per block the (module, "in" | "out") whose input or output is each state:
+    ``attn_in`` (what attention reads), ``attn_out`` (a_l, what it adds), ``ffn_stream`` (m_l, or h_{l-1} in a
+    parallel block), ``ffn_in`` (what the FFN reads) and ``ffn_out`` (f_l, what it adds)."""
     if hasattr(model, "transformer"):  # GPT-2
         decoder = model.transformer
-        return dict(decoder=decoder, layers=decoder.h, norm=decoder.ln_f, ln1="ln_1", attn_out="attn", ln2="ln_2",
-                    ffn_out="mlp")
+        return dict(decoder=decoder, layers=decoder.h, norm=decoder.ln_f, attn_in=("ln_1", "out"),
+                    attn_out=("attn", "out"), ffn_stream=("ln_2", "in"), ffn_in=("ln_2", "out"), ffn_out=("mlp", "out"))
+    if hasattr(model, "gpt_neox"):  # parallel blocks: both modules read h_{l-1}, through their own norms
+        decoder = model.gpt_neox
+        return dict(decoder=decoder, layers=decoder.layers, norm=decoder.final_layer_norm,
+                    attn_in=("input_layernorm", "out"), attn_out=("attention", "out"),
+                    ffn_stream=("post_attention_layernorm", "in"), ffn_in=("post_attention_layernorm", "out"),
+                    ffn_out=("mlp", "out"))
     decoder = model.model
-    common = dict(decoder=decoder, layers=decoder.layers, norm=decoder.norm, ln1="input_layernorm")
-    if hasattr(decoder.layers[0], "pre_feedforward_layernorm"):  # Gemma-2/3: post-norms, a_l and f_l after them
-        return dict(common, attn_out="post_attention_layernorm", ln2="pre_feedforward_layernorm",
-                    ffn_out="post_feedforward_layernorm")
-    return dict(common, attn_out="self_attn", ln2="post_attention_layernorm", ffn_out="mlp")
+    block = decoder.layers[0]
+    common = dict(decoder=decoder, layers=decoder.layers, norm=decoder.norm)
+    if hasattr(block, "pre_feedforward_layernorm"):  # Gemma-2/3: pre- and post-norms; a_l and f_l after the post-norm
+        return dict(common, attn_in=("input_layernorm", "out"), attn_out=("post_attention_layernorm", "out"),
+                    ffn_stream=("pre_feedforward_layernorm", "in"), ffn_in=("pre_feedforward_layernorm", "out"),
+                    ffn_out=("post_feedforward_layernorm", "out"))
+    if not hasattr(block, "input_layernorm"):  # OLMo-2: no pre-norm, a post-norm after each module
+        return dict(common, attn_in=("self_attn", "in"), attn_out=("post_attention_layernorm", "out"),
+                    ffn_stream=("mlp", "in"), ffn_in=("mlp", "in"), ffn_out=("post_feedforward_layernorm", "out"))
+    return dict(common, attn_in=("input_layernorm", "out"), attn_out=("self_attn", "out"),
+                ffn_stream=("post_attention_layernorm", "in"), ffn_in=("post_attention_layernorm", "out"),
+                ffn_out=("mlp", "out"))
+
+
+def capture(block, where: tuple[str, str], store) -> object:
+    """A hook on ``block``'s module ``where[0]`` that passes its input (the hidden states, positional or keyword) or
+    its output (the first of a tuple) to ``store``; returns the handle."""
+    module = getattr(block, where[0])
+    if where[1] == "in":
+        def before(m, args, kwargs):
+            store(args[0] if args else kwargs["hidden_states"])
+
+        return module.register_forward_pre_hook(before, with_kwargs=True)
+
+    def after(m, inputs, output):  # returns None: the module's output is left alone
+        store(_first(output))
+
+    return module.register_forward_hook(after)
 
 
 def unembed(model, x: torch.Tensor) -> torch.Tensor:
@@ -43,14 +73,36 @@ def _first(output):
     return output[0] if isinstance(output, tuple) else output
 
 
-def reference_token_table(model, tokenizer, rows, norm_mode="none", dtype=torch.float64, token_ids=None) -> pd.DataFrame:
+def reference_predictions(logits: torch.Tensor, targets: list[int], k: int) -> list[dict]:
+    """What a policy predicts, textbook style, from full float64 logits [T, V]: per row the k most probable ids
+    (sorted by probability, then by id), their probabilities, and the target's probability and rank (1 + the tokens
+    more probable, or as probable with a lower id). Ordered by logit: probabilities far below the largest underflow
+    to 0 even in float64, and would all look tied."""
+    p = torch.softmax(logits.double(), dim=-1)
+    out = []
+    for row, z, target in zip(p, logits.double(), targets):
+        order = torch.sort(-z, stable=True).indices.tolist()  # by logit, descending; equal logits: the lower id first
+        scale = z.abs().max()
+        gaps = (z - z[target]).abs() / scale
+        gaps[target] = float("inf")
+        top = z[order[: k + 1]]
+        out.append(dict(top_ids=order[:k], top_probs=[row[j].item() for j in order[:k]],
+                        token_prob=row[target].item(), token_rank=order.index(target) + 1,
+                        nearest_gap=gaps.min().item(),  # how close another token's logit is to the target's
+                        top_gap=((top[:-1] - top[1:]).abs().min() / scale).item()))  # and within the top k + 1
+    return out
+
+
+def reference_token_table(model, tokenizer, rows, norm_mode="none", dtype=torch.float64, token_ids=None,
+                          top_k=None) -> pd.DataFrame:
     """Per-token entropies: rows are dicts with 'prompt' (str or messages) and 'response' (str).
-    ``token_ids`` = [prompt_ids, response_ids] skips tokenization (one row)."""
+    ``token_ids`` = [prompt_ids, response_ids] skips tokenization (one row). With ``top_k``, returns instead the
+    predictions of every distinct state: one row per (sample, position, layer, state)."""
     model = model.to(dtype)
     parts = layout(model)
     final_norm, layers = parts["norm"], parts["layers"]
-    records = []
-    for row in rows:
+    records, predicted = [], []
+    for index, row in enumerate(rows):
         if token_ids is not None:
             p_ids, r_ids = token_ids
         else:
@@ -65,12 +117,13 @@ def reference_token_table(model, tokenizer, rows, norm_mode="none", dtype=torch.
         handles = [layers[0].register_forward_pre_hook(
             lambda m, a, k: cache.__setitem__("h0", a[0] if a else k["hidden_states"]), with_kwargs=True)]
         for n, layer in enumerate(layers):
-            module = lambda name: getattr(layer, parts[name])  # noqa: E731
+            store = lambda key, n=n: (lambda x: cache.__setitem__((key, n), x))  # noqa: E731
             handles += [
-                module("ln1").register_forward_hook(lambda m, i, o, n=n: cache.__setitem__(("ln1", n), o)),
-                module("attn_out").register_forward_hook(lambda m, i, o, n=n: cache.__setitem__(("attn", n), _first(o))),
-                module("ln2").register_forward_hook(lambda m, i, o, n=n: cache.update({("ln2", n): o, ("mid", n): i[0]})),
-                module("ffn_out").register_forward_hook(lambda m, i, o, n=n: cache.__setitem__(("ffn", n), _first(o))),
+                capture(layer, parts["attn_in"], store("ln1")),
+                capture(layer, parts["attn_out"], store("attn")),
+                capture(layer, parts["ffn_stream"], store("mid")),
+                capture(layer, parts["ffn_in"], store("ln2")),
+                capture(layer, parts["ffn_out"], store("ffn")),
                 layer.register_forward_hook(lambda m, i, o, n=n: cache.__setitem__(("out", n), _first(o))),
             ]
         with torch.no_grad():
@@ -78,13 +131,27 @@ def reference_token_table(model, tokenizer, rows, norm_mode="none", dtype=torch.
             for h in handles:
                 h.remove()
 
-            def H(x):
+            def logits_of(x):
                 x = x[0, pos]
                 if norm_mode == "final":
                     x = final_norm(x)
-                return reference_entropy(unembed(model, x))
+                return unembed(model, x)
+
+            def H(x):
+                return reference_entropy(logits_of(x))
 
             L = len(layers)
+            if top_k:
+                real_policy = unembed(model, final_norm(cache[("out", L - 1)][0, pos]))
+                states = [("resid", 0, logits_of(cache["h0"]))]
+                for n in range(L):
+                    states += [("attn_in", n + 1, logits_of(cache[("ln1", n)])), ("attn_out", n + 1, logits_of(cache[("attn", n)])),
+                               ("ffn_in", n + 1, logits_of(cache[("ln2", n)])), ("ffn_out", n + 1, logits_of(cache[("ffn", n)])),
+                               ("resid", n + 1, real_policy if n == L - 1 else logits_of(cache[("out", n)]))]
+                for state, layer, logits in states:
+                    for t, found in enumerate(reference_predictions(logits, r_ids, top_k)):
+                        predicted.append(dict(sample_index=index, position=pos[t], layer=layer, state=state, **found))
+                continue
             for n in range(L):
                 h_in = H(cache["h0"] if n == 0 else cache[("out", n - 1)])
                 if n == L - 1:
@@ -104,7 +171,7 @@ def reference_token_table(model, tokenizer, rows, norm_mode="none", dtype=torch.
                             dict(layer=n + 1, module=module, entropy_in=a[t].item(), entropy_out=b[t].item(),
                                  cos_resid=float("nan") if c is None else c[t].item())
                         )
-    return pd.DataFrame(records)
+    return pd.DataFrame(predicted if top_k else records)
 
 
 def reference_summary(model, tokenizer, rows, norm_mode="none", dtype=torch.float64) -> pd.DataFrame:

@@ -131,7 +131,7 @@ def test_figures_go_to_a_fresh_folder_by_default(across_checkpoints, tmp_path, m
     assert not list((tmp_path / "figures").iterdir())  # a committed figures/ folder is never overwritten
 
 
-def test_resume_never_unpickles_a_trainer_state(bupo_run, tmp_path):
+def test_resume_never_unpickles_a_trainer_state(bupo_run, tiny_llama, tmp_path):
     """A run folder from someone else must not run code on --resume: the trainer state is safetensors + JSON, and a
     pickle (trainer_state.pt, as older versions wrote) is refused without being opened."""
     import shutil
@@ -152,8 +152,8 @@ def test_resume_never_unpickles_a_trainer_state(bupo_run, tmp_path):
         (latest / name).unlink()
     (latest / "trainer_state.pt").write_bytes(pickle.dumps({"step": 3, "payload": Payload()}))
     reward = f"{bupo_run.parent / 'rewards.py'}:fn"
-    result = run_cli("train-bupo", "--model", bupo_run / "checkpoints" / "step-1", "--data", bupo_run.parent / "prompts.jsonl",
-                     "--reward", reward, "--steps", "4", "--internal-layer", "2", "--internal-steps", "1",
+    result = run_cli("train-bupo", "--model", tiny_llama, "--data", bupo_run.parent / "prompts.jsonl",
+                     "--reward", reward, "--steps", "4", "--internal-layer", "2", "--internal-steps", "1", "--lr", "1e-2",
                      "--prompts-per-step", "2", "--group-size", "4", "--max-new-tokens", "8", "--out", run, "--resume", "-q")
     assert result.exit_code == 2 and "never loaded" in result.output, result.output
     assert not marker.exists()
@@ -174,7 +174,12 @@ def test_every_output_column_is_defined_in_the_definitions_page(bupo_run, across
     names |= set(pd.read_csv(evaluation / "problems.csv").columns) | set(pd.read_csv(evaluation / "summary.csv").columns)
     names |= set(pd.read_json(next((evaluation / "responses").glob("*.jsonl")), lines=True).columns)
     single = json.loads((across_checkpoints / "checkpoints" / "00-run-step-0" / "manifest.json").read_text())
-    names |= set(single) | set(single["timings"])
+    names |= set(single) | set(single["timings"]) | set(single["fingerprint"]) | set(single["fingerprint"]["model"])
+    names |= set(json.loads((across_checkpoints / "manifest.json").read_text())["models"][0])
+    model_folder = across_checkpoints / "checkpoints" / "00-run-step-0"
+    names |= set(pd.read_parquet(model_folder / "predictions.parquet").columns)
+    names |= set(pd.read_parquet(model_folder / "vocabulary.parquet").columns)
+    names |= set(json.loads((across_checkpoints / "samples.jsonl").read_text().splitlines()[0]))
     generic = lambda n: re.sub(r"^avg@\d+$", "avg@n", re.sub(r"^pass@\d+$", "pass@k", n))  # noqa: E731
     missing = sorted(n for n in names if f"`{generic(n)}`" not in page)
     assert not missing, f"not defined in docs/definitions.md: {missing}"

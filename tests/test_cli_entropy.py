@@ -41,7 +41,7 @@ def test_resume_skips_finished_samples(tiny_llama, rows_file, tmp_path, monkeypa
 
     out = tmp_path / "out"
     calls = []
-    original = analysis.EntropyEngine.analyse
+    original = analysis.EntropyEngine.analyse_batch
 
     def crash_after_first_batch(self, samples, sample_index=None):
         if calls:
@@ -49,14 +49,14 @@ def test_resume_skips_finished_samples(tiny_llama, rows_file, tmp_path, monkeypa
         calls.append(sample_index)
         return original(self, samples, sample_index)
 
-    monkeypatch.setattr(analysis.EntropyEngine, "analyse", crash_after_first_batch)
+    monkeypatch.setattr(analysis.EntropyEngine, "analyse_batch", crash_after_first_batch)
     run = lambda: run_cli("entropy", "-m", tiny_llama, "-d", rows_file, "-o", out, "-q", "--batch-tokens", "40")  # noqa: E731
     assert run().exit_code == 130
     assert not (out / "summary.csv").exists() and not (out / "tokens.parquet").exists()
     assert len(list((out / ".partial").glob("batch-*.parquet"))) == 1
 
     seen = []
-    monkeypatch.setattr(analysis.EntropyEngine, "analyse",
+    monkeypatch.setattr(analysis.EntropyEngine, "analyse_batch",
                         lambda self, s, sample_index=None: seen.extend(sample_index) or original(self, s, sample_index))
     resumed = run()
     assert resumed.exit_code == 0
@@ -206,7 +206,7 @@ def test_two_processes_under_accelerate_launch_equal_one(tiny_llama, rows_file, 
     assert run_cli("entropy", "-m", tiny_llama, "-d", rows_file, "-o", single, "-q", "--batch-tokens", "40").exit_code == 0
     launched = tmp_path / "two-processes"
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "cli.main", "entropy",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "ipolicy_cli.main", "entropy",
                "-m", str(tiny_llama), "-d", str(rows_file), "-o", str(launched), "-q", "--batch-tokens", "40",
                "--device", "cpu"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[1])

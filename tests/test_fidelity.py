@@ -80,10 +80,10 @@ def test_sequence_mean_of_token_means_is_the_papers_aggregation():
 
 
 def test_seq_mean_training_runs_and_is_recorded(tiny_llama, rows, tmp_path):
-    metrics = ip.train(ip.TrainConfig(model=str(tiny_llama), data=str(rows), reward=digits, steps=1, group_size=4,
-                                      max_new_tokens=8, device="cpu", loss_agg_mode="seq-mean-token-mean",
-                                      clip_ratio_c=10.0), out=tmp_path / "run")
-    assert metrics[0]["grad_norm"] > 0
+    result = ip.train(ip.TrainConfig(model=str(tiny_llama), data=str(rows), reward=digits, steps=1, group_size=4,
+                                     max_new_tokens=8, device="cpu", loss_agg_mode="seq-mean-token-mean",
+                                     clip_ratio_c=10.0), out=tmp_path / "run")
+    assert result.metrics["grad_norm"].iloc[0] > 0 and [c.name for c in result.checkpoints] == ["step-1"]
     config = json.loads((tmp_path / "run" / "run.json").read_text())["config"]
     assert config["loss_agg_mode"] == "seq-mean-token-mean" and config["clip_ratio_c"] == 10.0
 
@@ -144,8 +144,8 @@ def test_the_task_ladder_is_seeded_correct_and_never_shows_held_out_problems():
 
 
 def test_the_auto_reward_is_last_number_on_builtin_arithmetic_and_math_elsewhere():
-    assert ip.TrainConfig(data="add-sub-1").reward == "last-number"
-    assert ip.TrainConfig(data="arithmetic").reward == "last-number"
-    assert ip.TrainConfig(data="math500").reward == "math"
-    assert ip.TrainConfig(data="add-sub-1", reward="math").reward == "math"
-    assert ip.TrainConfig(data="add-sub-2x1:test").reward == "last-number"  # every ladder level, from its one owner
+    assert ip.TrainConfig(data="add-sub-1").resolved_reward == "last-number"
+    assert ip.TrainConfig(data="arithmetic").resolved_reward == "last-number"
+    assert ip.TrainConfig(data="math500").resolved_reward == "math"
+    assert ip.TrainConfig(data="add-sub-1", reward="math").resolved_reward == "math"
+    assert ip.TrainConfig(data="add-sub-2x1:test").resolved_reward == "last-number"  # every ladder level, one owner

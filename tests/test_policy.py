@@ -82,3 +82,45 @@ def test_fast_mode_equals_textbook_entropy_of_bf16_logits(temperature, bias, mon
     assert torch.allclose(compiled, eager, atol=1e-5)
     exact = plain_entropy(unembed(states).detach() / temperature)
     assert 0 < (compiled.double() - exact).abs().max() < 0.5  # bf16 logits: close, but not the float32 numbers
+
+
+@pytest.mark.parametrize("fast", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_predictions_equal_a_full_softmax_with_ties_broken_by_the_lower_id(fast, bias):
+    """Top-k ids and probabilities, and the target's probability and rank, against the textbook on the logits the
+    head computes (float32, or the bf16 matmul's in fast mode), over many vocabulary blocks and chunks; ten identical
+    rows of U make exact ties, which must list (and rank) the lower id first."""
+    torch.manual_seed(0)
+    unembed = nn.Linear(16, 1000, bias=bias)
+    nn.init.normal_(unembed.weight, std=2.0)
+    with torch.no_grad():
+        unembed.weight[500:510] = unembed.weight[3]
+        if bias:
+            unembed.bias[500:510] = unembed.bias[3]
+    states = torch.randn(37, 16) * torch.logspace(-2, 1, 37)[:, None]
+    targets = torch.randint(0, 1000, (37,))
+    targets[:5] = 505  # ties with 3 and 500..509: six of them have a lower id
+    head = PolicyHead(unembed, temperature=0.7, token_chunk=8, vocab_block=128, fast=fast)
+    got = head.predictions(states, targets, 5)
+    if fast:
+        raw = (states.bfloat16() @ unembed.weight.detach().bfloat16().T).double()
+    else:
+        raw = (states.double() @ unembed.weight.detach().double().T)
+    logits = (raw + (unembed.bias.detach().double() if bias else 0.0)) / 0.7
+    p = torch.softmax(logits, -1)
+    for row in range(37):
+        order = torch.sort(-logits[row], stable=True).indices  # by logit, equal logits by id
+        assert got.top_ids[row].tolist() == order[:5].tolist()
+        rank = int((order == targets[row]).nonzero()) + 1
+        if fast:  # logits within one bf16 step of the target's count as ties (docs/definitions.md)
+            band = ((logits[row] - logits[row, targets[row]]).abs() <= logits[row, targets[row]].abs() * 2 ** -7 / 0.7 + 1e-6)
+            assert abs(int(got.token_rank[row]) - rank) <= int(band.sum())
+        else:
+            assert int(got.token_rank[row]) == rank
+    assert torch.allclose(got.top_probs.double(), p.gather(1, got.top_ids), atol=2e-5)
+    assert torch.allclose(got.token_prob.double(), p.gather(1, targets[:, None]).squeeze(1), atol=1e-6)
+    assert torch.allclose(got.entropy.double(), plain_entropy(logits), atol=2e-4)
+    assert len(set(got.token_rank.tolist())) > 20  # the ranks spread: the check can fail
+    # a state along U's row 3: the eleven tied rows are the most probable, listed and ranked by id
+    tied = head.predictions(unembed.weight.detach()[3:4] * 4.0, torch.tensor([505]), 5)
+    assert tied.top_ids[0].tolist() == [3, 500, 501, 502, 503] and int(tied.token_rank[0]) == 7

@@ -26,24 +26,34 @@ def test_import_is_light_and_everything_exported_resolves():
     assert (__import__("pathlib").Path(ip.__file__).parent / "py.typed").is_file()
 
 
-def test_analyse_in_memory_equals_the_cli_over_several_batches(tiny_llama, rows_file, tmp_path, monkeypatch):
-    out = tmp_path / "cli"
-    assert run_cli("entropy", "-m", tiny_llama, "-d", rows_file, "-o", out, "-q", "--batch-tokens", "40").exit_code == 0
+def test_analyse_in_memory_over_several_batches_equals_the_float64_reference(tiny_llama, rows_file, tmp_path,
+                                                                              monkeypatch):
+    """ip.analyse, batched and streaming as the CLI runs it, writes nothing without `out`, and every per-token entropy
+    equals the independent float64 implementation (tests/reference.py), token by token."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from conftest import ROWS
+    from reference import reference_token_table
+
     monkeypatch.chdir(tmp_path)
-    before = set(tmp_path.rglob("*"))
     batches = []
-    original = ip.EntropyEngine.analyse
-    monkeypatch.setattr(ip.EntropyEngine, "analyse", lambda self, s, sample_index=None: batches.append(sample_index)
+    original = ip.EntropyEngine.analyse_batch
+    monkeypatch.setattr(ip.EntropyEngine, "analyse_batch", lambda self, s, sample_index=None: batches.append(sample_index)
                         or original(self, s, sample_index))
     result = ip.analyse(model=str(tiny_llama), data=str(rows_file), batch_tokens=40)
     assert len(batches) > 1  # more samples than fit one batch
-    assert set(tmp_path.rglob("*")) == before and result.out is None  # nothing written
-    cli_tokens = pd.read_parquet(out / "tokens.parquet")
-    pd.testing.assert_frame_equal(result.tokens.reset_index(drop=True), cli_tokens, check_dtype=False)
-    cli_summary = pd.read_csv(out / "summary.csv")
-    pd.testing.assert_frame_equal(result.summary[cli_summary.columns].reset_index(drop=True), cli_summary,
-                                  check_exact=False, rtol=1e-5, check_dtype=False)
-    assert result.boundary == json.loads((out / "manifest.json").read_text())["boundary_layer"]
+    assert list(tmp_path.iterdir()) == [] and result.out is None  # nothing written
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(tiny_llama).eval(), AutoTokenizer.from_pretrained(tiny_llama)
+    reference = pd.concat([reference_token_table(model, tokenizer, [row]).assign(sample_index=i)
+                           for i, row in enumerate(ROWS)])
+    reference["rank"] = reference.groupby(["sample_index", "layer", "module"]).cumcount()
+    mine = result.tokens.copy()
+    mine["rank"] = mine.groupby(["sample_index", "layer", "module"]).cumcount()  # positions in order
+    merged = mine.merge(reference, on=["sample_index", "layer", "module", "rank"], suffixes=("", "_ref"),
+                        validate="one_to_one")
+    assert len(merged) == len(mine) == len(reference)
+    for column in ("entropy_in", "entropy_out"):
+        assert (merged[column] - merged[f"{column}_ref"]).abs().max() < 1e-3, column
     for figure in (result.plot_flow(), result.plot_change()):
         assert len(figure.axes) == 1 and figure.axes[0].lines
 
@@ -116,9 +126,24 @@ def test_figures_leave_the_callers_style_alone(tiny_llama, rows_file):
 
 
 def test_the_cli_answers_help_and_bad_flags_without_loading_torch():
-    code = ("import sys\nfrom typer.testing import CliRunner\nfrom cli.main import app\n"
+    code = ("import sys\nfrom typer.testing import CliRunner\nfrom ipolicy_cli.main import app\n"
             "for args in (['--help'], ['entropy', '--help'], ['train-bupo', '--help'], ['entropy', '--no-such-flag']):\n"
             "    CliRunner().invoke(app, args)\n"
             "print('torch' in sys.modules, 'transformers' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.split() == ["False", "False"]
+
+
+def test_a_result_presents_itself_in_one_line_and_a_compact_notebook_cell(tiny_llama, rows_file):
+    import html
+
+    result = ip.analyse(model=str(tiny_llama), data=str(rows_file))
+    line = repr(result)
+    assert "\n" not in line and len(line) < 200
+    assert "samples=5" in line and f"tokens={result.manifest['n_tokens']}" in line and "layers=4" in line
+    cell = result._repr_html_()
+    assert html.escape(line) in cell and cell.count("<tr") <= 8 and "data:image/png;base64," in cell
+    assert result.samples[2].response not in cell  # no dump of the samples or the manifest
+    page = result.view(samples=1)
+    assert type(page).__name__ == "ViewPage"
+    assert page._repr_html_().startswith("<iframe srcdoc=") and "&lt;script" in page._repr_html_()

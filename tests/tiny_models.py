@@ -6,8 +6,9 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, GPT2Config, LlamaConfig, MistralConfig,
-                          Phi3Config, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config)
+from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, GPT2Config, GPTNeoXConfig, LlamaConfig,
+                          MistralConfig, Olmo2Config, Phi3Config, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config,
+                          Qwen3MoeConfig)
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -39,7 +40,9 @@ def tiny_tokenizer(vocab_size: int = 300) -> PreTrainedTokenizerFast:
 
 
 # Every family ipolicy supports, as tiny configs. Gemma-2 soft-caps attention scores and its final logits, and both
-# Gemmas norm each module's output before adding it to the residual stream (post-norm blocks).
+# Gemmas norm each module's output before adding it to the residual stream (pre+post-norm blocks); OLMo-2 has only
+# the post-norms; GPT-NeoX (Pythia) runs attention and FFN in parallel on h_{l-1}; Qwen3-MoE's FFN is a routed
+# mixture of experts (f_l: the weighted sum of the chosen experts' outputs).
 ARCHITECTURES = {
     "llama": LlamaConfig,
     "qwen2": Qwen2Config,
@@ -49,6 +52,11 @@ ARCHITECTURES = {
     "gemma2": lambda **c: Gemma2Config(head_dim=16, query_pre_attn_scalar=16, final_logit_softcapping=30.0,
                                        attn_logit_softcapping=50.0, **c),
     "gemma3": lambda **c: Gemma3TextConfig(head_dim=16, query_pre_attn_scalar=16, **c),
+    "olmo2": Olmo2Config,
+    "gpt_neox": lambda **c: GPTNeoXConfig(use_parallel_residual=True, **{k: v for k, v in c.items()
+                                                                        if k != "num_key_value_heads"}),
+    "qwen3_moe": lambda **c: Qwen3MoeConfig(head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+                                            **c),
 }
 ALL_ARCHITECTURES = [*ARCHITECTURES, "gpt2"]
 

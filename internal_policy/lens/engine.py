@@ -12,6 +12,10 @@ Per layer l (1-based) and module, entropy_in / entropy_out / delta are:
     ffn:   H(LN2_l(m_l))     -> H(f_l)
 
 ``cos_resid`` is cos(a_l, h_{l-1}) for attn and cos(f_l, m_l) for ffn (docs/definitions.md §3); NaN for layer rows.
+
+With ``top_k``, the same pass also gives what each of the 5L + 1 distinct policies predicts at each token (its top-k
+tokens and the sampled token's probability and rank): ``EntropyEngine.analyse_batch`` returns them as a second table,
+one row per (token, state).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -29,7 +34,7 @@ from torch import Tensor
 from ..data import TokenizedSample
 from ..errors import IPolicyError
 from ..models import LoadedModel
-from .policy import NormMode, PolicyHead
+from .policy import NormMode, PolicyHead, Predictions
 from .states import BridgeStates, policy_state_key
 
 
@@ -44,23 +49,31 @@ class EngineConfig:
     temperature: float = 1.0
     batch_tokens: int = 4096
     token_chunk: int = 512
+    top_k: int = 0  # what each policy predicts: its top_k tokens, and the sampled token's probability and rank
+
+
+# The predictions table names each distinct state: the engine's queue key -> (state, layer offset). resid l is h_l
+# (l = 0: the embeddings; l = L: the model's real policy), the others are the modules' inputs and outputs of layer l.
+STATES = {"resid": "resid", "ln1": "attn_in", "attn": "attn_out", "ln2": "ffn_in", "ffn": "ffn_out"}
 
 
 class _StateQueue:
-    """Collects selected states from hooks and turns them into entropies ``chunk`` rows at a time.
+    """Collects selected states from hooks and turns them into entropies (and, with ``top_k``, predictions)
+    ``chunk`` rows at a time. Every key's states are the same N analysed positions in order, whose next tokens are
+    ``targets`` [N].
 
     Only whole chunks are unembedded while the forward runs (each chunk streams all of U, so a small one costs as
     much as a full one); the rest waits for the next states or for the final flush.
     """
 
-    def __init__(self, head: PolicyHead, chunk: int):
-        self.head, self.chunk = head, chunk
-        self.pending: list[tuple[tuple[str, int], Tensor]] = []
+    def __init__(self, head: PolicyHead, chunk: int, targets: Tensor, top_k: int = 0):
+        self.head, self.chunk, self.targets, self.top_k = head, chunk, targets, top_k
+        self.pending: list[tuple[tuple[str, int], Tensor, int]] = []  # (key, states, index of their first row)
         self.rows = 0
-        self.pieces: dict[tuple[str, int], list[Tensor]] = defaultdict(list)
+        self.pieces: dict[tuple[str, int], list] = defaultdict(list)
 
     def push(self, key: tuple[str, int], states: Tensor) -> None:
-        self.pending.append((key, states))
+        self.pending.append((key, states, 0))
         self.rows += states.shape[0]
         if self.rows >= self.chunk:
             self.flush(whole_chunks_only=True)
@@ -69,26 +82,36 @@ class _StateQueue:
         n = (self.rows // self.chunk) * self.chunk if whole_chunks_only else self.rows
         if n == 0:
             return
-        stacked = torch.cat([states for _, states in self.pending])
-        entropy = self.head.entropy(stacked[:n])
-        offset = 0
-        for key, states in self.pending:
-            take = min(states.shape[0], n - offset)
+        stacked = torch.cat([states for _, states, _ in self.pending])[:n]
+        if self.top_k:
+            targets = torch.cat([self.targets[first : first + len(states)] for _, states, first in self.pending])[:n]
+            found = self.head.predictions(stacked, targets.to(stacked.device), self.top_k)
+        else:
+            found = self.head.entropy(stacked)
+        offset, rest = 0, []
+        for key, states, first in self.pending:
+            take = min(states.shape[0], max(0, n - offset))
             if take > 0:
-                self.pieces[key].append(entropy[offset : offset + take])
-            offset += states.shape[0]
-        # keep the rows not yet unembedded, each with its key
-        rest, offset = [], 0
-        for key, states in self.pending:
-            start = max(0, n - offset)
-            if start < states.shape[0]:
-                rest.append((key, states[start:]))
+                self.pieces[key].append(_rows(found, offset, offset + take))
+            if take < states.shape[0]:  # rows not yet unembedded stay, with their key
+                rest.append((key, states[take:], first + take))
             offset += states.shape[0]
         self.pending, self.rows = rest, self.rows - n
 
     @property
     def entropy(self) -> dict[tuple[str, int], Tensor]:
-        return {key: torch.cat(pieces) for key, pieces in self.pieces.items()}
+        return {key: torch.cat([p.entropy if self.top_k else p for p in pieces]) for key, pieces in self.pieces.items()}
+
+    @property
+    def predictions(self) -> dict[tuple[str, int], Predictions]:
+        return {key: Predictions(*(torch.cat(parts) for parts in zip(*(vars(p).values() for p in pieces))))
+                for key, pieces in self.pieces.items()}
+
+
+def _rows(found: Tensor | Predictions, start: int, stop: int) -> Tensor | Predictions:
+    if isinstance(found, Tensor):
+        return found[start:stop]
+    return Predictions(*(value[start:stop] for value in vars(found).values()))
 
 
 class EntropyEngine:
@@ -127,18 +150,27 @@ class EntropyEngine:
         """One bridge forward with ``hooks`` (see ``BridgeStates.forward``)."""
         self.states.forward(input_ids, hooks)
 
-    @torch.inference_mode()
     def analyse(self, samples: list[TokenizedSample], sample_index: list[int] | None = None) -> pd.DataFrame:
         """Run one forward pass over ``samples`` (one batch) and return the long per-token table.
 
-        Columns: sample_index, sample, position, token_id, token, layer, module, entropy_in, entropy_out, delta,
+        Columns: sample_index, sample, position, token_id, token, text, layer, module, entropy_in, entropy_out, delta,
         cos_resid. ``position`` is the index of the state in the sequence; ``token`` is the response token its
-        policy produced (at position + 1).
+        policy produced (at position + 1), as the vocabulary spells it (byte-level BPE: 'Ġthe'), and ``text`` the same
+        token decoded (' the').
         """
+        return self.analyse_batch(samples, sample_index)[0]
+
+    @torch.inference_mode()
+    def analyse_batch(self, samples: list[TokenizedSample],
+                      sample_index: list[int] | None = None) -> tuple[pd.DataFrame, pa.Table | None]:
+        """``analyse``'s table and, with ``top_k``, the predictions table (pyarrow; docs/definitions.md, "What a policy
+        predicts"): one row per analysed token and distinct state, with columns sample_index, position, layer,
+        state (resid, attn_in, attn_out, ffn_in, ffn_out), top_ids and top_probs (lists of top_k, most probable first),
+        token_prob and token_rank (of the token the response continues with)."""
         n_layers = self.loaded.n_layers
         input_ids, flat_index = self.inputs(samples)
-
-        queue = _StateQueue(self.head, self.config.token_chunk)
+        targets = torch.tensor([t for s in samples for t in s.response_ids])
+        queue = _StateQueue(self.head, self.config.token_chunk, targets, self.config.top_k)
         cosine: dict[tuple[str, int], Tensor] = {}
         held: dict[str, Tensor] = {}
 
@@ -162,18 +194,19 @@ class EntropyEngine:
 
             return hook_fn
 
+        # cos_resid: a module's output against the stream it reads (docs/definitions.md §3)
         names = BridgeStates.block_hooks(self.loaded.block_layout)
         hook = BridgeStates.hook_name
         hooks = [(hook(0), record(("resid", 0)))]
         for i in range(n_layers):
             layer = i + 1
             hooks += [
-                (f"blocks.{i}.{names['resid_pre']}", hold("resid_pre")),
-                (f"blocks.{i}.{names['ln1']}", record(("ln1", layer))),
-                (f"blocks.{i}.{names['attn']}", record_with_cosine(("attn", layer), "resid_pre")),
-                (f"blocks.{i}.{names['resid_mid']}", hold("resid_mid")),
-                (f"blocks.{i}.{names['ln2']}", record(("ln2", layer))),
-                (f"blocks.{i}.{names['ffn']}", record_with_cosine(("ffn", layer), "resid_mid")),
+                (f"blocks.{i}.{names['resid_pre']}", hold("attn_stream")),
+                (f"blocks.{i}.{names['ffn_stream']}", hold("ffn_stream")),
+                (f"blocks.{i}.{names['attn_in']}", record(("ln1", layer))),
+                (f"blocks.{i}.{names['attn_out']}", record_with_cosine(("attn", layer), "attn_stream")),
+                (f"blocks.{i}.{names['ffn_in']}", record(("ln2", layer))),
+                (f"blocks.{i}.{names['ffn_out']}", record_with_cosine(("ffn", layer), "ffn_stream")),
             ]
             if layer < n_layers:
                 hooks.append((hook(layer), record(("resid", layer))))
@@ -181,7 +214,27 @@ class EntropyEngine:
 
         self.forward(input_ids, hooks)
         queue.flush()
-        return self._table(samples, sample_index, queue.entropy, cosine)
+        sample_index = sample_index or list(range(len(samples)))
+        tokens = self._table(samples, sample_index, queue.entropy, cosine)
+        return tokens, self._predictions(samples, sample_index, queue.predictions) if self.config.top_k else None
+
+    def _predictions(self, samples, sample_index, predictions: dict[tuple[str, int], Predictions]) -> pa.Table:
+        counts = [len(s.response_ids) for s in samples]
+        index = np.repeat(np.asarray(sample_index, dtype=np.int64), counts)
+        position = np.concatenate([np.asarray(s.analysed_positions) for s in samples]).astype(np.int32)
+        columns: dict[str, list] = defaultdict(list)
+        for (name, layer), found in sorted(predictions.items(), key=lambda item: (item[0][1], item[0][0])):
+            k = found.top_ids.shape[1]
+            columns["sample_index"].append(index)
+            columns["position"].append(position)
+            columns["layer"].append(np.full(len(index), layer, dtype=np.int32))
+            columns["state"].append(np.full(len(index), STATES[name], dtype=object))
+            columns["top_ids"].append(pa.FixedSizeListArray.from_arrays(found.top_ids.reshape(-1).int().numpy(), k))
+            columns["top_probs"].append(pa.FixedSizeListArray.from_arrays(found.top_probs.reshape(-1).numpy(), k))
+            columns["token_prob"].append(found.token_prob.numpy())
+            columns["token_rank"].append(found.token_rank.int().numpy())
+        return pa.table({name: pa.concat_arrays(parts) if isinstance(parts[0], pa.Array)
+                         else pa.array(np.concatenate(parts)) for name, parts in columns.items()})
 
     def _table(self, samples, sample_index, entropy, cosine) -> pd.DataFrame:
         n_layers = self.loaded.n_layers
@@ -195,13 +248,15 @@ class EntropyEngine:
         n_tokens = len(token_ids)
         tokenizer = self.loaded.tokenizer
         token_text = np.asarray(tokenizer.convert_ids_to_tokens(token_ids.tolist()), dtype=object)
+        decoded = np.asarray(tokenizer.batch_decode([[i] for i in token_ids.tolist()]), dtype=object)
         base = pd.DataFrame(
             {
-                "sample_index": np.repeat(sample_index or list(range(len(samples))), [len(s.response_ids) for s in samples]),
+                "sample_index": np.repeat(sample_index, [len(s.response_ids) for s in samples]),
                 "sample": np.repeat([s.sample.id for s in samples], [len(s.response_ids) for s in samples]),
                 "position": np.concatenate([np.asarray(s.analysed_positions) for s in samples]),
                 "token_id": token_ids,
                 "token": token_text,
+                "text": decoded,
             }
         )
         nan = torch.full((n_tokens,), float("nan"))

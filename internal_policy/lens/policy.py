@@ -2,11 +2,14 @@
 being the model's own logit transform (identity; Gemma-2's soft-capping; a logit scale).
 
 ``PolicyHead`` is the one place in the project that turns a state into a policy. The entropy engine calls
-``entropy``; the trainer calls ``log_probs`` (BuPO's internal policy) — both go through the same unembedding.
+``entropy`` (or ``predictions``, which adds what the policy predicts); the trainer calls ``log_probs`` (BuPO's
+internal policy) — all go through the same unembedding.
 
 Entropies are computed without materialising [tokens x vocab] probabilities: logits are produced in blocks of
 ``token_chunk`` rows x ``vocab_block`` columns (small enough to stay in cache) and folded into an online
-(max, sum exp, sum exp * logit) triple, so H = log S - T / S in one pass over each logit block.
+(max, sum exp, sum exp * logit) triple, so H = log S - T / S in one pass over each logit block. ``predictions`` reads
+the same blocks once more before they are folded: a running top-k, merged block by block, and a running count of the
+logits that outrank the sampled token's (docs/definitions.md §1, "What a policy predicts").
 """
 
 from __future__ import annotations
@@ -24,11 +27,28 @@ NormMode = Literal["none", "final"]
 _EXP_FLOOR = -87.0
 
 
+def select_block(z: Tensor, top_k: int, target_logit: Tensor, target_col: Tensor,
+                 tolerance: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """What one vocabulary block contributes to a policy's predictions. z [n, v]: the block's logits (transformed,
+    float32); target_logit [n]: the sampled token's logit, and ``tolerance`` [n] the rounding within which a logit
+    counts as equal to it; target_col [n]: its column in this block (outside 0..v-1 when it lies in another block).
+    Returns the ``top_k + 1`` largest logits and their columns [n, top_k + 1] (the extra one shows a tie at the
+    boundary) and, per row, how many of the block's tokens outrank the sampled one: a larger logit, or an equal one
+    with a lower id [n]."""
+    values, columns = torch.topk(z, min(top_k + 1, z.shape[1]), dim=-1)
+    column = torch.arange(z.shape[1], device=z.device)
+    high, low = (target_logit + tolerance)[:, None], (target_logit - tolerance)[:, None]
+    above = ((z > high) | ((z >= low) & (column[None, :] < target_col[:, None]))).sum(-1)
+    return values, columns, above
+
+
 def fold_block(z: Tensor, running_max: Tensor, bias: Tensor | None = None, scale: float = 1.0,
-               exp_out: Tensor | None = None, softcap: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
+               exp_out: Tensor | None = None, softcap: float | None = None, top_k: int = 0,
+               target_logit: Tensor | None = None, target_col: Tensor | None = None, tolerance: Tensor | None = None):
     """One vocabulary block of the streamed entropy. z [n, v] matmul output (any float dtype), logits = (z + bias)
-    * scale, or softcap * tanh((z + bias) / softcap) * scale; running_max [n] float32. Returns the new max m [n] and, relative to it, S = sum_j e_j and
-    T = sum_j e_j (l_j - m) with e_j = exp(max(l_j - m, -87)), all float32.
+    * scale, or softcap * tanh((z + bias) / softcap) * scale; running_max [n] float32. Returns the new max m [n] and,
+    relative to it, S = sum_j e_j and T = sum_j e_j (l_j - m) with e_j = exp(max(l_j - m, -87)), all float32; and with
+    ``top_k``, ``select_block`` of the logits (else None).
 
     Exact mode calls it eagerly on a float32 z, which it overwrites, with ``exp_out`` a reused float32 buffer of z's
     shape: no large tensor is allocated per block. Fast mode runs it compiled on a bf16 z (torch.compile fuses it
@@ -41,12 +61,13 @@ def fold_block(z: Tensor, running_max: Tensor, bias: Tensor | None = None, scale
         z.div_(softcap).tanh_().mul_(softcap)
     if scale != 1.0:
         z *= scale
+    picked = select_block(z, top_k, target_logit, target_col, tolerance) if top_k else None
     new_max = torch.maximum(running_max, z.amax(dim=-1))
     z -= new_max[:, None]
     # exp(t) for t < -87 underflows float32 and takes a slow path (6-12x); such a term adds < 1e-36 nats
     z.clamp_(min=_EXP_FLOOR)
     e = torch.exp(z, out=exp_out)
-    return new_max, e.sum(dim=-1), torch.mul(e, z, out=exp_out).sum(dim=-1)
+    return new_max, e.sum(dim=-1), torch.mul(e, z, out=exp_out).sum(dim=-1), picked
 
 
 _compiled_fold_block = None
@@ -61,6 +82,8 @@ def _fast_fold_block():
             compiled = torch.compile(fold_block, dynamic=True)
             probe = torch.zeros(2, 8, dtype=torch.bfloat16)
             compiled(probe, torch.full((2,), -torch.inf))
+            compiled(probe, torch.full((2,), -torch.inf), top_k=2, target_logit=torch.zeros(2),
+                     target_col=torch.zeros(2, dtype=torch.long), tolerance=torch.zeros(2))
             _compiled_fold_block = compiled
         except Exception as error:  # noqa: BLE001 - any compiler failure means: run eagerly
             warnings.warn(f"Fast mode runs without torch.compile ({type(error).__name__}: {error}); it stays correct but "
@@ -76,6 +99,22 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
     z = z - z.amax(dim=-1, keepdim=True)
     log_sum = torch.logsumexp(z, dim=-1)
     return log_sum - (torch.softmax(z, dim=-1) * z).sum(-1)
+
+
+@dataclass
+class Predictions:
+    """What a policy predicts at N states (docs/definitions.md §1, "What a policy predicts").
+
+    ``entropy`` [N] float32, nats; ``top_ids`` [N, K] int64 and ``top_probs`` [N, K] float32: the K most probable
+    tokens, most probable first (equal probabilities: the lower token id first); ``token_prob`` [N] float32: the
+    probability of the token each state's position actually continues with; ``token_rank`` [N] int64: its rank, 1 +
+    the number of tokens more probable than it (an equally probable token with a lower id counts as more probable)."""
+
+    entropy: Tensor
+    top_ids: Tensor
+    top_probs: Tensor
+    token_prob: Tensor
+    token_rank: Tensor
 
 
 @dataclass
@@ -152,8 +191,42 @@ class PolicyHead:
         """Entropy in nats of pi(x) for each row. states [N, d] (any float dtype) -> [N] float32 on the CPU."""
         weight, bias = self._matmul_weights()
         states = self.prepare(states).to(device=weight.device)
-        out = [self._entropy_chunk(chunk.to(weight.dtype), weight, bias) for chunk in states.split(self.token_chunk)]
+        out = [self._entropy_chunk(chunk.to(weight.dtype), weight, bias)[0] for chunk in states.split(self.token_chunk)]
         return torch.cat(out).cpu() if out else torch.empty(0)
+
+    @torch.no_grad()
+    def predictions(self, states: Tensor, targets: Tensor, top_k: int) -> Predictions:
+        """The entropy of pi(x) for each row, its ``top_k`` most probable tokens, and the probability and rank of the
+        row's ``target`` token, from one pass over the vocabulary blocks (no [N x vocab] tensor, no second matmul).
+        states [N, d], targets [N] token ids -> ``Predictions`` on the CPU."""
+        if top_k < 1:
+            raise ValueError(f"top_k must be at least 1, got {top_k}")
+        weight, bias = self._matmul_weights()
+        states = self.prepare(states).to(device=weight.device)
+        targets = targets.to(device=weight.device, dtype=torch.long)
+        parts = [self._entropy_chunk(chunk.to(weight.dtype), weight, bias, min(top_k, weight.shape[0]), target)
+                 for chunk, target in zip(states.split(self.token_chunk), targets.split(self.token_chunk))]
+        if not parts:
+            empty = torch.empty(0)
+            return Predictions(empty, torch.empty(0, top_k, dtype=torch.long), torch.empty(0, top_k), empty,
+                               torch.empty(0, dtype=torch.long))
+        entropy, log_z, top_logits, top_ids, target_logit, rank = (torch.cat(x) for x in zip(*parts))
+        return Predictions(entropy.cpu(), top_ids.cpu(), torch.exp(top_logits - log_z[:, None]).cpu(),
+                           torch.exp(target_logit - log_z).cpu(), rank.cpu())
+
+    def _target_logits(self, x: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """The logit of each row's target token, transformed as the blocks' are [n] float32, and the rounding within
+        which a block's logit counts as equal to it [n]. The dot product sums in another order than the matmul's: they
+        agree to about sqrt(d) float32 roundings of |x| |u_t|; in fast mode both are then rounded to bf16, one
+        bf16 step apart at most."""
+        rows = weight[targets].float()
+        raw = (x.float() * rows).sum(-1)
+        tolerance = 4 * x.shape[1] ** 0.5 * torch.finfo(torch.float32).eps * x.float().norm(dim=-1) * rows.norm(dim=-1)
+        if x.dtype != torch.float32:
+            raw = raw.to(x.dtype).float()
+            tolerance = tolerance + raw.abs() * 2.0 ** -7
+        z = raw if bias is None else raw + bias[targets]
+        return self._transform(z), tolerance * abs(self.logit_scale / self.temperature)
 
     def _matmul_weights(self) -> tuple[Tensor, Tensor | None]:
         """U's weight and bias in the matmul dtype (float32, or bfloat16 when fast), cached until U changes."""
@@ -179,24 +252,82 @@ class PolicyHead:
             buffer = self._scratch_cache[key] = torch.empty(self.token_chunk * self.vocab_block, dtype=dtype, device=device)
         return buffer[: rows * cols].view(rows, cols)
 
-    def _entropy_chunk(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    def _entropy_chunk(self, x: Tensor, weight: Tensor, bias: Tensor | None, top_k: int = 0,
+                       targets: Tensor | None = None) -> tuple[Tensor, ...]:
+        """One chunk of rows through every vocabulary block. Returns (entropy [n],); with ``top_k`` and ``targets``
+        also log Z [n], the top-k logits [n, k] and ids [n, k], the targets' logits [n] and ranks [n]."""
         n = x.shape[0]
         running_max = torch.full((n,), -torch.inf, device=x.device)
         sum_exp = torch.zeros(n, device=x.device)  # S = sum_j exp(z_j - running_max)
         sum_exp_z = torch.zeros(n, device=x.device)  # T = sum_j exp(z_j - running_max) * (z_j - running_max)
         scale = self.logit_scale / self.temperature
         fold = _fast_fold_block() if self.fast else fold_block  # fast: bf16 matmul, compiled float32 reductions
+        if top_k:
+            target_logit, tolerance = self._target_logits(x, weight, bias, targets)
+            best = torch.empty(n, 0, device=x.device), torch.empty(n, 0, dtype=torch.long, device=x.device)
+            outranked = torch.zeros(n, dtype=torch.long, device=x.device)
         for start in range(0, weight.shape[0], self.vocab_block):
             block = weight[start : start + self.vocab_block]
             z = self._scratch("z", n, block.shape[0], x.dtype, x.device)
             torch.matmul(x, block.T, out=z)
             block_bias = None if bias is None else bias[start : start + self.vocab_block]
             exp_out = None if self.fast else self._scratch("e", n, block.shape[0], torch.float32, x.device)
-            new_max, block_sum, block_sum_z = fold(z, running_max, block_bias, scale, exp_out, self.logit_softcap)
+            new_max, block_sum, block_sum_z, picked = fold(
+                z, running_max, block_bias, scale, exp_out, self.logit_softcap,
+                **(dict(top_k=top_k, target_logit=target_logit, target_col=targets - start, tolerance=tolerance)
+                   if top_k else {}))
+            if top_k:
+                values, ids, above = picked
+                best = _merge_top(best, self._exact_ties(x, z, block, block_bias, start, top_k, values, ids), top_k)
+                outranked += above
             # Re-express the running sums relative to the new max: e_old' = e_old * c and z' = z - shift.
             shift = new_max - running_max  # >= 0; inf on the first block, where the sums are still zero
             c = torch.exp(-shift)
             sum_exp_z = (sum_exp_z - sum_exp * torch.where(sum_exp > 0, shift, 0.0)) * c + block_sum_z
             sum_exp = sum_exp * c + block_sum
             running_max = new_max
-        return torch.log(sum_exp) - sum_exp_z / sum_exp
+        entropy = torch.log(sum_exp) - sum_exp_z / sum_exp
+        if not top_k:
+            return (entropy,)
+        return entropy, running_max + torch.log(sum_exp), best[0], best[1], target_logit, outranked + 1
+
+    def _transform(self, z: Tensor) -> Tensor:
+        """The logit transform g and the temperature on logits that already hold the bias (float32)."""
+        if self.logit_softcap:
+            z = self.logit_softcap * torch.tanh(z / self.logit_softcap)
+        return z * (self.logit_scale / self.temperature)
+
+    def _exact_ties(self, x, z, block, block_bias, start, top_k, values, columns):
+        """A block's top-k (logits [n, k], token ids [n, k], most probable first, equal logits: the lower id first).
+        ``torch.topk`` keeps an arbitrary one of logits tied at the k-th place; the rows where that happens (identical
+        rows of U, such as a vocabulary's unused tokens; often in fast mode, whose bf16 logits round many together)
+        are selected again from their logits, all at once: the logits above the k-th, then the tied ones by id."""
+        if values.shape[1] > top_k:
+            tied = (values[:, top_k - 1] == values[:, top_k]).nonzero().squeeze(1)
+            values, columns = values[:, :top_k].clone(), columns[:, :top_k].clone()
+            if len(tied):
+                # fast mode's fold leaves its bf16 z as it was; exact mode's overwrote it, so those rows are redone
+                raw = z[tied].float() if self.fast else torch.matmul(x[tied], block.T).float()
+                logits = self._transform(raw + (0 if block_bias is None else block_bias))
+                kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+                greater, equal = logits > kth, logits == kth
+                room = top_k - greater.sum(-1, keepdim=True)
+                chosen = greater | (equal & (equal.cumsum(-1) <= room))  # exactly top_k a row, in id order
+                picked = chosen.nonzero()[:, 1].view(len(tied), top_k)
+                values[tied], columns[tied] = logits.gather(1, picked), picked
+        return _sorted_top(values, columns + start)
+
+
+def _sorted_top(values: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
+    """Candidates [n, m] in order: logit descending, the lower token id first among equal logits."""
+    by_id = torch.argsort(ids, dim=-1, stable=True)
+    values, ids = values.gather(1, by_id), ids.gather(1, by_id)
+    by_value = torch.argsort(values, dim=-1, descending=True, stable=True)
+    return values.gather(1, by_value), ids.gather(1, by_value)
+
+
+def _merge_top(best: tuple[Tensor, Tensor], block: tuple[Tensor, Tensor], k: int) -> tuple[Tensor, Tensor]:
+    """The running top-k merged with a later block's (whose ids are all higher): the k best, ties to the lower id."""
+    values, ids = torch.cat([best[0], block[0]], dim=1), torch.cat([best[1], block[1]], dim=1)
+    order = torch.argsort(values, dim=-1, descending=True, stable=True)[:, :k]
+    return values.gather(1, order), ids.gather(1, order)

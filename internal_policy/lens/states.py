@@ -1,11 +1,11 @@
-"""Residual states: the one place that reads h_l out of a model, by two routes behind one interface.
+"""Residual states: the one place that reads h_l out of a model, by two routes.
 
 * ``BridgeStates`` reads them through TransformerLens TransformerBridge hooks (``blocks.{l-1}.hook_resid_post``,
   ``ln_final.hook_out``): the entropy engine and refinement use these hook names, and the engine adds the module
   hooks of docs/definitions.md §1 to the same forward.
-* ``DecoderStates`` reads them with plain forward hooks on the Hugging Face decoder blocks, stops the forward right
+* ``residual_states`` reads them with plain forward hooks on the Hugging Face decoder blocks, stops the forward right
   after the highest block it needs (BuPO's training forward at layer K), takes a key/value cache, and stays
-  differentiable: the trainer uses it.
+  differentiable: the trainer uses it, through ``response_states`` and ``ResponseForward``.
 
 Both return ``{l: h_l}`` ([B, T, d], l = 1..L) and ``{LNF: LNf(h_L)}``, and the tests check that they agree on every
 supported architecture. ``policy_state_key`` is the one place that knows that the last layer's policy is the model's
@@ -23,7 +23,6 @@ import inspect
 import types
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -38,16 +37,6 @@ def policy_state_key(layer: int, n_layers: int, norm_mode: str = "none") -> int 
     policy is the model's real policy pi(LNf(h_L)) (key ``LNF``). In norm mode "final" the policy head applies LNf to
     every state itself, so there the last layer reads h_L (LNf is never applied twice)."""
     return LNF if layer == n_layers and norm_mode == "none" else layer
-
-
-class StateReader(Protocol):
-    """Reads residual states in one forward pass."""
-
-    def residual_states(self, input_ids: Tensor, attention_mask: Tensor | None, layers: set[int],
-                        stop_after: int | None = None) -> dict:
-        """{l: h_l [B, T, d]} for l in ``layers`` (1-based; 0 = the embeddings h_0 as block 1 reads them), plus
-        {LNF: LNf(h_L)} unless the forward stops right after block ``stop_after``."""
-        ...
 
 
 class _StopForward(Exception):
@@ -90,15 +79,28 @@ class BridgeStates:
         with self.bridge.hooks(fwd_hooks=hooks), fused_attention(self.bridge):
             self.bridge(input_ids, attention_mask=attention_mask, return_type=None, logits_to_keep=1, use_cache=False)
 
+    # Per block layout (docs/definitions.md §1), the hook within ``blocks.{i}`` of each state the engine reads:
+    # h_{l-1}; what attention reads and a_l, what it adds; the stream the FFN's input comes from (m_l, or h_{l-1} in a
+    # parallel block), what the FFN reads and f_l, what it adds; h_l.
+    LAYOUTS = {
+        "pre-norm": dict(attn_in="ln1.hook_out", attn_out="hook_attn_out", ffn_stream="hook_resid_mid",
+                         ffn_in="ln2.hook_out", ffn_out="hook_mlp_out"),
+        # Gemma-2/3: a pre-norm and a post-norm around each module; a_l, f_l are what is added, after the post-norm
+        "pre+post-norm": dict(attn_in="ln1.hook_out", attn_out="ln1_post.hook_out", ffn_stream="hook_resid_mid",
+                              ffn_in="ln2.hook_out", ffn_out="ln2_post.hook_out"),
+        # OLMo-2: no pre-norm, so each module reads the stream itself; a post-norm on its output
+        "post-norm": dict(attn_in="hook_resid_pre", attn_out="ln1_post.hook_out", ffn_stream="hook_resid_mid",
+                          ffn_in="hook_resid_mid", ffn_out="ln2_post.hook_out"),
+        # GPT-NeoX (Pythia): attention and FFN both read h_{l-1}; h_l = h_{l-1} + a_l + f_l
+        "parallel": dict(attn_in="ln1.hook_out", attn_out="hook_attn_out", ffn_stream="hook_resid_pre",
+                         ffn_in="ln2.hook_out", ffn_out="hook_mlp_out"),
+    }
+
     @staticmethod
     def block_hooks(block_layout: str) -> dict[str, str]:
-        """The hook (within ``blocks.{i}``) of each state of docs/definitions.md §1 for a block layout: in post-norm
-        blocks (Gemma-2/3) a_l and f_l are what the block adds to the stream, after the module's own post-norm."""
-        post = block_layout == "post-norm"
-        return {"resid_pre": "hook_resid_pre", "ln1": "ln1.hook_out",
-                "attn": "ln1_post.hook_out" if post else "hook_attn_out", "resid_mid": "hook_resid_mid",
-                "ln2": "ln2.hook_out", "ffn": "ln2_post.hook_out" if post else "hook_mlp_out",
-                "resid_post": "hook_resid_post"}
+        """The hook (within ``blocks.{i}``) of each state of docs/definitions.md §1 for a block layout (``LAYOUTS``):
+        resid_pre, attn_in, attn_out, ffn_stream, ffn_in, ffn_out, resid_post."""
+        return {"resid_pre": "hook_resid_pre", **BridgeStates.LAYOUTS[block_layout], "resid_post": "hook_resid_post"}
 
     @staticmethod
     def hook_name(key: int | str) -> str:
@@ -110,6 +112,8 @@ class BridgeStates:
 
     def residual_states(self, input_ids: Tensor, attention_mask: Tensor | None, layers: set[int],
                         stop_after: int | None = None) -> dict:
+        """{l: h_l [B, T, d]} for l in ``layers`` (1-based; 0 = the embeddings h_0 as block 1 reads them), plus
+        {LNF: LNf(h_L)} unless the forward stops right after block ``stop_after``."""
         captured: dict = {}
 
         def keep(key):
@@ -126,19 +130,6 @@ class BridgeStates:
         except _StopForward:
             pass
         return captured
-
-
-class DecoderStates:
-    """Residual states through forward hooks on the Hugging Face decoder blocks (the route of the trainer): early
-    stop, key/value cache, differentiable."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-
-    def residual_states(self, input_ids: Tensor, attention_mask: Tensor | None, layers: set[int],
-                        stop_after: int | None = None, position_ids: Tensor | None = None, cache=None) -> dict:
-        """As ``StateReader.residual_states``; ``cache`` (a transformers ``Cache``) is read and extended when given."""
-        return residual_states(self.model, input_ids, attention_mask, layers, stop_after, position_ids, cache)
 
 
 def distinct_prompts(prompt_ids: list[list[int]]) -> tuple[list[list[int]], list[int]]:

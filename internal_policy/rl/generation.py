@@ -64,8 +64,10 @@ class EntropyRecorder(LogitsProcessor):
         return scores
 
 
-def _eos_ids(tokenizer, model) -> list[int]:
-    ids = model.generation_config.eos_token_id if model.generation_config is not None else None
+def stop_token_ids(tokenizer, model=None) -> list[int]:
+    """The token ids that end a generated response: the model's generation config's EOS ids and the tokenizer's."""
+    config = getattr(model, "generation_config", None)
+    ids = config.eos_token_id if config is not None else None
     ids = [ids] if isinstance(ids, int) else list(ids or [])
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(tokenizer.eos_token_id)
@@ -103,7 +105,7 @@ def sample_with_entropy(
     ``record_entropy``.
     """
     model, tokenizer = loaded.hf_model, loaded.tokenizer
-    eos = _eos_ids(tokenizer, model)
+    eos = stop_token_ids(tokenizer, model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     generation_config, sampling_processors = _generation_setup(config, eos, pad)
     prompts_per_call = max(1, config.batch_size // per_prompt)
@@ -198,10 +200,12 @@ class VllmRollouts:
 
 def complete_samples(tokenizer, samples: list[Sample], n_per_prompt: int,
                      generate: Callable[[list[list[int]], int], list[list[int]]],
-                     chat_template_kwargs: dict | None = None) -> list[Sample]:
+                     chat_template_kwargs: dict | None = None, stop_ids: list[int] | None = None) -> list[Sample]:
     """Give every sample a response: rows that have one are kept as they are; the others get ``n_per_prompt``
     responses each from ``generate(prompt_ids, n_per_prompt)`` (``sample_responses`` or ``sample_responses_vllm``),
-    decoded to text without special tokens, so they are analysed like given ones."""
+    decoded to text without special tokens, so they are analysed like given ones. A response that ended with one of
+    ``stop_ids`` (default: the tokenizer's EOS) keeps that stop token as ``Sample.eos`` (docs/definitions.md §2)."""
+    stop_ids = set(stop_ids if stop_ids is not None else stop_token_ids(tokenizer))
     done = [s for s in samples if s.response is not None]
     todo = [s for s in samples if s.response is None]
     if not todo:
@@ -211,10 +215,11 @@ def complete_samples(tokenizer, samples: list[Sample], n_per_prompt: int,
                          n_per_prompt)
     generated = []
     for k, (sample, ids) in enumerate(zip(expanded, responses)):
-        text = tokenizer.decode(ids, skip_special_tokens=True)
-        generated.append(
-            Sample(id=f"{sample.id}#{k % n_per_prompt}", prompt=sample.prompt, response=text, answer=sample.answer, source=sample.source)
-        )
+        stopped = bool(ids) and ids[-1] in stop_ids
+        text = tokenizer.decode(ids[:-1] if stopped else ids, skip_special_tokens=True)
+        generated.append(Sample(id=f"{sample.id}#{k % n_per_prompt}", prompt=sample.prompt, response=text,
+                                answer=sample.answer, source=sample.source,
+                                eos=tokenizer.convert_ids_to_tokens(ids[-1]) if stopped else None))
     return done + generated
 
 
@@ -238,5 +243,5 @@ def generate_responses(loaded: LoadedModel, samples: list[Sample], n: int = 1, *
     """``samples`` with a response each: rows that have one are kept, the others get ``n`` sampled responses from
     ``loaded`` (softmax(logits / temperature) under top-p; temperature 0 is greedy), as ``ipolicy entropy`` does."""
     sampling = SamplingConfig(max_new_tokens, temperature, top_p, batch_size, seed)
-    return complete_samples(loaded.tokenizer, samples, n,
-                            lambda ids, k: sample_responses(loaded, ids, sampling, k, progress), chat_template_kwargs)
+    return complete_samples(loaded.tokenizer, samples, n, lambda ids, k: sample_responses(loaded, ids, sampling, k, progress),
+                            chat_template_kwargs, stop_token_ids(loaded.tokenizer, loaded.hf_model))

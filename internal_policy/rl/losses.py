@@ -81,9 +81,6 @@ def clipped_policy_loss(
     return LossTerms(loss, clip_frac, approx_kl, float(kl_ref))
 
 
-LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean")
-
-
 def loss_normaliser(lengths: list[int], mode: str, total_tokens: float, total_sequences: float) -> Tensor:
     """Per-token divisors [sum(lengths)] of the loss of responses with these ``lengths`` (tokens), within a
     mini-batch of ``total_tokens`` tokens in ``total_sequences`` responses (per process, see the trainer):

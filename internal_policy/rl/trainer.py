@@ -16,13 +16,14 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 from ..config import TrainConfig, parse_chat_template_kwargs
-from ..data import TokenizedSample, encode, load_samples, render_prompt
+from ..data import TokenizedSample, check_prompt_fits, encode, load_samples, render_prompt
 from ..errors import IPolicyError
 from ..io import atomic_write_text
 from ..lens.states import ResponseForward
@@ -34,7 +35,43 @@ from .rewards import load_reward, score
 from .rollout import Rollout, RolloutSampler, prompts_for_step
 from .update import PolicyUpdate
 
-__all__ = ["TrainConfig", "Trainer", "Rollout", "train"]
+__all__ = ["TrainConfig", "Trainer", "TrainResult", "Rollout", "train"]
+
+
+@dataclass
+class TrainResult:
+    """A training run (docs/definitions.md §4–5 and "metrics.jsonl"): ``metrics``, one row per step; ``checkpoints``,
+    the complete ``checkpoints/step-N`` folders in step order; ``info``, run.json (base model, options, internal
+    layer); ``out``, the run folder. ``TrainResult.load(out)`` reads a run back, finished or not."""
+
+    metrics: pd.DataFrame
+    checkpoints: list[Path]
+    info: dict
+    out: Path
+
+    def __repr__(self) -> str:
+        steps = int(self.metrics["step"].max()) if len(self.metrics) else 0
+        return (f"TrainResult({RunFolder(self.out).label()}, {steps} steps, {len(self.checkpoints)} checkpoint(s), "
+                f"out={str(self.out)!r})")
+
+    @property
+    def internal_layer(self) -> int | None:
+        """BuPO's K (None for GRPO)."""
+        return self.info.get("internal_layer")
+
+    def plot_curves(self):
+        """Reward, accuracy, response length, the final and the internal policy's entropy per step."""
+        from .. import figures
+
+        return figures.training_curves({RunFolder(self.out).label(): self.metrics})
+
+    @classmethod
+    def load(cls, out: str | Path) -> "TrainResult":
+        run = RunFolder(out)
+        if not run.is_run():
+            raise IPolicyError(f"'{out}' holds no training run (no metrics.jsonl or checkpoints/). Fix: check the path.")
+        metrics = run.metrics() if run.metrics_path.is_file() else pd.DataFrame()
+        return cls(metrics, run.checkpoints(), run.info(), Path(out))
 
 
 class Trainer:
@@ -49,8 +86,8 @@ class Trainer:
         if config.rollouts == "vllm" and not vllm_available():
             raise IPolicyError("`rollouts` vllm needs a CUDA GPU with the vllm and trl packages. Fix: pip install vllm "
                                "trl on the GPU machine, or use `rollouts` transformers.")
-        self.samples = load_samples(config.data, limit=config.data_limit, seed=config.seed)
-        self.reward_fn = load_reward(config.reward)
+        self.samples = load_samples(config.data, limit=config.limit, seed=config.seed)
+        self.reward_fn = load_reward(config.resolved_reward)
         self._check_ground_truths()
         self.loaded = loaded or load_model(config.model, dtype=self._weights_dtype, device=config.device)
         self.tokenizer = self.loaded.tokenizer
@@ -69,7 +106,9 @@ class Trainer:
         self.policy, self.optimizer = self.accelerator.prepare(ResponseForward(model), optimizer)
         self.sampler = RolloutSampler(
             self.samples, prompt_texts, self.prompt_ids, self.tokenizer, self.reward_fn,
-            SamplingConfig(config.max_new_tokens, config.temperature, config.top_p), config.group_size, self._vllm())
+            SamplingConfig(config.max_new_tokens, config.temperature, config.top_p,
+                           batch_size=config.generation_batch_size or config.prompts_per_step * config.group_size),
+            config.group_size, self._vllm())
         self.step = 0
         if resume:
             self.step, extra = load_checkpoint(self.folder, self.model, self.optimizer)
@@ -78,8 +117,9 @@ class Trainer:
         else:
             self.internal_layer = self._resolve_internal_layer()
         self.monitor_layer = self._monitor_layer()
-        self.update = PolicyUpdate(config, self.accelerator, self.policy, self.optimizer, self.head, self._reference(),
-                                   self.monitor_layer, self.tokenizer.pad_token_id or 0)
+        reference, reference_head = self._reference()
+        self.update = PolicyUpdate(config, self.accelerator, self.policy, self.optimizer, self.head, reference,
+                                   reference_head, self.monitor_layer, self.tokenizer.pad_token_id or 0)
         self.writers = self._loggers()
 
     # ---------------------------------------------------------------- set-up
@@ -102,23 +142,27 @@ class Trainer:
                                "another `out`.")
         if resume and not self.folder.is_run():
             raise IPolicyError(f"`resume`: '{self.out}' has no run to resume. Fix: drop `resume` or check `out`.")
+        stored = self.folder.info().get("config")
+        if resume and stored is not None:
+            changed = self.config.changes_from(stored)
+            if changed:
+                listed = ", ".join(f"`{k}` ({stored.get(k)!r} -> {self.config.record()[k]!r})" for k in changed)
+                raise IPolicyError(
+                    f"`resume`: the run in '{self.out}' was trained with other options: {listed}. A resumed run may "
+                    f"change only {', '.join(f'`{k}`' for k in TrainConfig.RESUMABLE_CHANGES)}. Fix: resume with the "
+                    "run's options (run.json), or train into a new `out` (e.g. from its latest checkpoint as `model`).")
 
     def _check_ground_truths(self) -> None:
         missing = next((s for s in self.samples if s.answer is None), None)
-        if self.config.reward == "math" and missing is not None:
+        if self.config.resolved_reward == "math" and missing is not None:
             raise IPolicyError(
                 f"`reward` math needs ground truths, but row '{missing.id}' of '{self.config.data}' has none. "
                 "Fix: add 'answer' (or reward_model.ground_truth) to every row, or use a custom `reward`."
             )
 
     def _check_lengths(self) -> None:
-        context = self.loaded.context_length
         for sample, ids in zip(self.samples, self.prompt_ids):
-            if context is not None and len(ids) + self.config.max_new_tokens > context:
-                raise IPolicyError(
-                    f"Prompt '{sample.id}' ({len(ids)} tokens) plus `max_new_tokens` {self.config.max_new_tokens} "
-                    f"exceeds the model's context of {context}. Fix: lower `max_new_tokens` or drop the row."
-                )
+            check_prompt_fits(sample.id, len(ids), self.config.max_new_tokens, self.loaded.context_length)
 
     def _accelerator(self):
         """accelerate's Accelerator: DDP over gloo on the CPU (cpu=True) or NCCL on GPUs; bf16 autocast if asked."""
@@ -147,13 +191,14 @@ class Trainer:
         return VllmRollouts(self.model, self.accelerator, self.tokenizer, sampling, c.vllm_gpu_memory,
                             context=max(map(len, self.prompt_ids)) + c.max_new_tokens)
 
-    def _reference(self) -> ResponseForward | None:
-        """The frozen base model of the KL penalty, or None without one."""
+    def _reference(self):
+        """The frozen base model of the KL penalty and its own policy head (its unembedding stays the base model's
+        while the policy's is trained), or (None, None) without one."""
         if not self.config.kl_coef:
-            return None
-        reference = load_model(self.config.model, dtype=self._weights_dtype, device=str(self.loaded.device)).hf_model
-        reference.requires_grad_(False)
-        return ResponseForward(reference)
+            return None, None
+        reference = load_model(self.config.model, dtype=self._weights_dtype, device=str(self.loaded.device))
+        reference.hf_model.requires_grad_(False)
+        return ResponseForward(reference.hf_model), reference.policy_head(temperature=self.config.temperature)
 
     def _resolve_internal_layer(self) -> int | None:
         k, n_layers = self.config.internal_layer, self.loaded.n_layers
@@ -261,7 +306,9 @@ class Trainer:
                                {"internal_layer": self.internal_layer})
         base = Path(self.config.model)
         base_model = str(base.resolve()) if base.exists() else self.config.model  # a run folder can move; a path cannot
-        self.folder.write_info({"base_model": base_model, "config": asdict(self.config),
+        reward = self.config.resolved_reward
+        self.folder.write_info({"base_model": base_model, "config": self.config.record(),
+                                "reward": reward if isinstance(reward, str) else self.config.record()["reward"],
                                 "internal_layer": self.internal_layer})
         return path
 
@@ -296,7 +343,7 @@ class Trainer:
                 import wandb
             except ImportError as error:
                 raise IPolicyError("`wandb` needs the wandb package. Fix: pip install wandb") from error
-            run = wandb.init(project="ipolicy", config=asdict(self.config), dir=str(self.out))
+            run = wandb.init(project="ipolicy", config=self.config.record(), dir=str(self.out))
             writers.append(_Logger(lambda m: run.log(m, step=m["step"]), run.finish))
         return writers
 
@@ -308,13 +355,17 @@ class _Logger:
 
 
 def train(config: TrainConfig | None = None, *, out: str | Path, resume: bool = False, progress: bool = False,
-          **options) -> list[dict]:
-    """Train GRPO (or BuPO, when ``internal_steps`` > 0) into the run folder ``out``; returns each step's metrics.
-    ``config`` fields may be given as keywords."""
+          **options) -> TrainResult:
+    """Train GRPO (or BuPO, when ``internal_steps`` > 0) into the run folder ``out`` (checkpoints/step-N/,
+    metrics.jsonl, run.json); returns the run, every step's metrics included. ``config`` fields may be given as
+    keywords (``train(internal_layer=5, internal_steps=2, out="runs/bupo")``). ``resume`` continues the run in
+    ``out`` from its latest checkpoint, with the same options (only ``TrainConfig.RESUMABLE_CHANGES`` may differ)."""
     from dataclasses import replace
 
     config = replace(config, **options) if config is not None else TrainConfig(**options)
     if int(os.environ.get("RANK", "0")):  # under `accelerate launch`, the main process holds the folder's lock
-        return Trainer(config, out, resume=resume).run(progress=progress)
-    with folder_lock(out):
-        return Trainer(config, out, resume=resume).run(progress=progress)
+        Trainer(config, out, resume=resume).run(progress=progress)
+    else:
+        with folder_lock(out):
+            Trainer(config, out, resume=resume).run(progress=progress)
+    return TrainResult.load(out)

@@ -19,9 +19,9 @@ Rows = list[tuple[list[int], list[int]]]  # (prompt ids, response ids) per seque
 
 @dataclass
 class PolicyUpdate:
-    """Applies one step's update. ``policy``: the accelerate-wrapped ``ResponseForward`` of the trained model;
-    ``reference``: the frozen base model's ``ResponseForward`` (KL penalty), or None; ``monitor_layer``: the layer
-    whose policy entropy is logged as ``internal_entropy``."""
+    """Applies one step's update. ``policy``: the accelerate-wrapped ``ResponseForward`` of the trained model, and
+    ``head`` its policy head; ``reference`` and ``reference_head``: the frozen base model's (KL penalty), or None;
+    ``monitor_layer``: the layer whose policy entropy is logged as ``internal_entropy``."""
 
     config: object  # TrainConfig
     accelerator: object
@@ -29,6 +29,7 @@ class PolicyUpdate:
     optimizer: torch.optim.Optimizer
     head: PolicyHead
     reference: torch.nn.Module | None
+    reference_head: PolicyHead | None
     monitor_layer: int
     pad: int
 
@@ -185,4 +186,4 @@ class PolicyUpdate:
             return None
         with self.accelerator.autocast():  # the precision of the policy's forward and readout
             states, _ = self._phase_states(self.reference, rows, layer)
-            return self.head.log_probs(states, self._targets(rows))
+            return self.reference_head.log_probs(states, self._targets(rows))

@@ -1,0 +1,32 @@
+"""``ipolicy view``: one call of ``EntropyResult.view``, the interactive per-token view of a results folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+
+def view(
+    result: Path = typer.Argument(..., metavar="RESULT", help="A results folder of `ipolicy entropy` (one model, or "
+                                  "across checkpoints)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="The HTML file to write (default: RESULT/view.html)."),
+    samples: Optional[int] = typer.Option(None, "--samples", help="How many samples the page holds, the first ones "
+                                          "(default: 8; across checkpoints, 8 sample-checkpoints)."),
+):
+    """The interactive per-token view: one self-contained HTML page (it needs no network). The response tokens against
+    the layers, coloured by the entropy of a chosen policy (layer, attention or FFN output) or its ΔH; hovering a cell
+    shows that policy's top-k tokens and the sampled token's probability and rank."""
+    import internal_policy as ip
+    from internal_policy.runs import folder_lock
+
+    out = out or result / "view.html"
+    loaded = ip.EntropyResult.load(result)
+    if out.resolve().parent == result.resolve():  # into the results folder: as its one writer
+        with folder_lock(result):
+            path = loaded.view(out, samples=samples)
+    else:
+        path = loaded.view(out, samples=samples)
+    Console().print(f"View: [bold]{path}[/] ({path.stat().st_size / 1e6:.1f} MB); open it in a browser.")
