@@ -11,7 +11,7 @@ from rich.console import Console
 
 
 def figures(
-    results: list[Path] = typer.Argument(..., metavar="RESULT...", help="Result folders: `ipolicy entropy` outputs, training runs, "
+    results: list[Path] = typer.Argument(..., metavar="RESULT", help="Result folders: `ipolicy entropy` outputs, training runs, "
                                          "`ipolicy eval` outputs."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Where the figures go (PNG and PDF); default: a new "
                                        "folder runs/figures-YYYYMMDD-HHMMSS."),

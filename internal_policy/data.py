@@ -257,9 +257,10 @@ def _refuse_near_misses(spec: str) -> None:
 def load_samples(spec: str = BUILTIN_ARITHMETIC, *, limit: int | None = None, seed: int = 0) -> list[Sample]:
     """Read ``spec`` (see the module docstring) into samples; ``limit`` keeps the first rows.
 
-    >>> first = load_samples("add-sub-1:test", limit=2, seed=0)[0]
-    >>> first.prompt[-1]["content"].split("?")[0], first.answer
-    ('What is 1 + 5', '6')
+    Examples:
+        >>> first = load_samples("add-sub-1:test", limit=2, seed=0)[0]
+        >>> first.prompt[-1]["content"].split("?")[0], first.answer
+        ('What is 1 + 5', '6')
     """
     if spec == BUILTIN_ARITHMETIC:
         samples = arithmetic_samples(limit or 8, seed)

@@ -458,9 +458,10 @@ def checkpoint_series(spec: str, base_model: str | None = None, revisions: str |
     trainer or verl output and the base of PEFT adapters that do not name theirs; ``revisions``: Hub revisions of
     ``spec`` (a list, comma-separated, or a pattern such as 'step*', matched against the repository's branches).
 
-    >>> series = checkpoint_series("EleutherAI/pythia-160m", revisions="step2000,step1000")
-    >>> series.layout, [(c.step, c.revision) for c in series.checkpoints]
-    ('hub-revisions', [(1000, 'step1000'), (2000, 'step2000')])
+    Examples:
+        >>> series = checkpoint_series("EleutherAI/pythia-160m", revisions="step2000,step1000")
+        >>> series.layout, [(c.step, c.revision) for c in series.checkpoints]
+        ('hub-revisions', [(1000, 'step1000'), (2000, 'step2000')])
     """
     path = Path(spec).expanduser()
     if revisions:

@@ -59,8 +59,9 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k = 1 - C(n-c, k) / C(n, k), as the stable product 1 - prod_{i=n-c+1}^{n} (1 - k/i)
     (docs/definitions.md §6): the chance that k of the n responses, drawn without replacement, hold a correct one.
 
-    >>> pass_at_k(n=4, c=1, k=1), pass_at_k(n=4, c=1, k=2), pass_at_k(n=4, c=0, k=4)
-    (0.25, 0.5, 0.0)
+    Examples:
+        >>> pass_at_k(n=4, c=1, k=1), pass_at_k(n=4, c=1, k=2), pass_at_k(n=4, c=0, k=4)
+        (0.25, 0.5, 0.0)
     """
     if not 0 <= c <= n or not 1 <= k <= n:
         raise ValueError(f"need 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
@@ -91,9 +92,10 @@ def seed_level_test(differences) -> dict:
     95 % paired t interval (``t_low``, ``t_high``) and the two-sided p-value of the exact sign-flip permutation test
     (all 2^n sign patterns; with 5 seeds the smallest possible p is 2/32 = 0.0625).
 
-    >>> test = seed_level_test([-0.143, -0.223, -0.062, 0.009, -0.205])
-    >>> round(test["mean"], 3), round(test["t_low"], 3), round(test["t_high"], 3), test["sign_flip_p"]
-    (-0.125, -0.246, -0.003, 0.125)
+    Examples:
+        >>> test = seed_level_test([-0.143, -0.223, -0.062, 0.009, -0.205])
+        >>> round(test["mean"], 3), round(test["t_low"], 3), round(test["t_high"], 3), test["sign_flip_p"]
+        (-0.125, -0.246, -0.003, 0.125)
     """
     from scipy import stats
 

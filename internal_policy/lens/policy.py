@@ -126,11 +126,12 @@ class PolicyHead:
         final_norm: the model's final norm LNf, applied to every state when ``norm_mode == "final"``.
         norm_mode: ``"none"`` (the paper's: pi(x) = softmax(U x)) or ``"final"`` (logit lens: softmax(U LNf(x))).
         temperature: the policy is softmax(logits / temperature).
-        logit_softcap, logit_scale: the model's own logit transform g, applied to every state's logits before the
-            temperature: softcap * tanh(z / softcap) (Gemma-2's final_logit_softcapping) and a factor (Cohere's
-            logit_scale, 1 / Granite's logits_scaling).
+        logit_softcap: part of the model's own logit transform g, applied to every state's logits before the
+            temperature: softcap * tanh(z / softcap) (Gemma-2's final_logit_softcapping), or None.
+        logit_scale: the other part of g, a factor (Cohere's logit_scale, 1 / Granite's logits_scaling).
         fast: compute the unembedding matmul in bfloat16 (entropy only; about 4x faster on CPUs with bf16 units).
-        token_chunk, vocab_block: block sizes of the streamed entropy (rows of states, rows of U).
+        token_chunk: rows of states per block of the streamed entropy.
+        vocab_block: rows of U per block of the streamed entropy.
     """
 
     unembed: nn.Module
