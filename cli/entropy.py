@@ -37,9 +37,10 @@ def entropy(
         result = ip.analyse(config, out=out, overwrite=overwrite, progress=progress)
     else:
         result = ip.compare(models, config, out=out, overwrite=overwrite, progress=progress)
-    if "step" in result.summary:
-        summary = result.summary[result.summary["step"] == result.summary["step"].max()]
-        Console().print(f"{len(result.manifest['models'])} models/checkpoints on the same samples; the last one:")
+    if "checkpoint" in result.summary:
+        summary = result.summary[result.summary["checkpoint"] == result.last_checkpoint]
+        Console().print(f"{len(result.manifest['models'])} models/checkpoints on the same samples; the last one, "
+                        f"{result.last_checkpoint}:")
         print_summary(summary, result.boundary, config.boundary_tolerance)
         Console().print(f"Results: [bold]{result.out}[/] (summary.csv and tokens.parquet with step and checkpoint columns)")
         return
@@ -50,7 +51,9 @@ def entropy(
 def run_line(manifest: dict) -> str:
     """What the run did, in one sentence: its tokens, its time and, where it resumed, what was analysed anew."""
     timings, n_tokens = manifest["timings"], manifest["n_tokens"]
-    done = f"{n_tokens} tokens x {manifest['n_layers']} layers in {timings['total_s']:.1f} s"
+    skipped = manifest.get("skipped_samples") or []
+    done = (f"{n_tokens} tokens x {manifest['n_layers']} layers in {timings['total_s']:.1f} s"
+            + (f" ({len(skipped)} sample(s) with no response token skipped: {', '.join(skipped[:3])})" if skipped else ""))
     analysed = timings["analysed_tokens"]
     if analysed == 0:
         return f"{done}: all were analysed by an earlier run in this folder, and the results are rebuilt from what it saved."

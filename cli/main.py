@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import signal
 
 import typer
 import typer.core
@@ -51,6 +52,10 @@ def quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+def _terminate(signum, frame):
+    raise KeyboardInterrupt
+
+
 def friendly_errors(command, on_interrupt: str = "nothing was written half-way."):
     """Bad input becomes one red line on stderr (parameters shown as flags) and exit code 2, no traceback; Ctrl-C
     exits 130 saying what was kept (``on_interrupt``)."""
@@ -59,6 +64,8 @@ def friendly_errors(command, on_interrupt: str = "nothing was written half-way."
     def wrapper(*args, **kwargs):
         try:
             quiet_libraries()
+            # a SIGTERM (a scheduler's kill, `kill PID`) ends the run as Ctrl-C does: locks released, one line
+            signal.signal(signal.SIGTERM, _terminate)
             return command(*args, **kwargs)
         except IPolicyError as error:
             console.print(f"[bold red]error:[/] {as_flags(str(error), FLAGS)}", highlight=False, soft_wrap=True,
@@ -71,7 +78,8 @@ def friendly_errors(command, on_interrupt: str = "nothing was written half-way."
     return wrapper
 
 
-RESUME_TRAINING = "the checkpoints written so far are kept; rerun the same command with --resume to continue."
+RESUME_TRAINING = ("the checkpoints written so far are kept; rerun the same command with --resume to continue from "
+                   "the latest (or without --resume to start again, if none was written yet).")
 
 app.command("entropy")(friendly_errors(
     command_from_config(entropy.entropy, EntropyConfig),

@@ -86,5 +86,5 @@ def python_reference() -> str:
             out += ["### `ip.__version__`", "", "The installed version of ipolicy.", ""]
             continue
         module = internal_policy._EXPORTS[name]
-        out += [f"::: internal_policy.{module}.{name}", "    options:", f"      heading: 'ip.{name}'", ""]
+        out += [f"::: internal_policy.{module}.{name}", ""]
     return "\n".join(out)

@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPE = dict(data="add-sub-1", reward="last-number", lr=1e-5, prompts_per_step=8, group_size=8, max_new_tokens=32,
               micro_batch_size=16)
 HELD_OUT = "add-sub-1:test"
+KEPT = ROOT / "figures" / "data" / "paper-ratio"  # tracked: each finished paper-ratio evaluation and run's metrics
 
 
 def train(runs: Path, name: str, steps: int, seed: int, save_every: int | None = None, recipe: dict = RECIPE,
@@ -169,13 +170,28 @@ def paper_ratio_methods() -> dict[str, dict]:
 
 def evaluate_at_64(root: Path, model: str, name: str) -> pd.DataFrame:
     """n = 64 responses on each of the first 100 held-out problems (in the seed-0 order, the same for every model):
-    per-problem accuracy (the terms of Avg@64) and unbiased pass@k, in problem order; reused when done."""
+    per-problem accuracy (the terms of Avg@64) and unbiased pass@k, in problem order. Kept in ``KEPT/name``
+    (tracked, so that a later session or machine resumes without the checkpoints) and reused when there."""
     c = PAPER_RATIO
-    if not (root / "eval" / name / "problems.csv").is_file():
+    kept = KEPT / name / "problems.csv"
+    if not kept.is_file():
         ip.evaluate(model=[model], data=[f"{c['task']}:test"], n=c["n"], k=c["ks"], limit=c["problems"],
                     max_new_tokens=c["max_new_tokens"], reward="last-number", batch_size=256, out=root / "eval" / name)
-    columns = ["problem", "accuracy", *(f"pass@{k}" for k in c["ks"])]
-    return pd.read_csv(root / "eval" / name / "problems.csv").sort_values("problem")[columns].reset_index(drop=True)
+        keep(root / "eval" / name, kept.parent, ["summary.json", "problems.csv"])
+    return read_kept(name)
+
+
+def read_kept(name: str) -> pd.DataFrame:
+    columns = ["problem", "accuracy", *(f"pass@{k}" for k in PAPER_RATIO["ks"])]
+    return pd.read_csv(KEPT / name / "problems.csv").sort_values("problem")[columns].reset_index(drop=True)
+
+
+def keep(source: Path, kept: Path, files: list[str]) -> None:
+    """Copy ``files`` of a finished run or evaluation into ``kept``, the last one last (its presence means done)."""
+    kept.mkdir(parents=True, exist_ok=True)
+    for file in files:
+        shutil.copy(source / file, kept / f".{file}.tmp")
+        (kept / f".{file}.tmp").replace(kept / file)
 
 
 def prune(run: Path, keep: set[int]) -> None:
@@ -186,53 +202,113 @@ def prune(run: Path, keep: set[int]) -> None:
 
 
 def paper_ratio(runs: Path, seeds: int) -> dict:
-    """Every run and evaluation of the paper-ratio stage, seed by seed (GRPO, then BuPO at each K), resumable; the
-    GRPO run's checkpoint at step T - S is the control "GRPO with BuPO's full-policy budget" (a constant learning rate
-    and a data order fixed by the seed make it exactly a (T - S)-step GRPO run). Returns the numbers of
-    experiments.json's ``paper_ratio``."""
+    """Every run and evaluation of the paper-ratio stage, seed by seed (GRPO, then BuPO at each K, then the control),
+    resumable, also on another machine: a run whose final evaluation is kept (``KEPT``) is not trained again. The GRPO
+    run's checkpoint at step T - S is the control "GRPO with BuPO's full-policy budget" (a constant learning rate and
+    a data order fixed by the seed make it exactly a (T - S)-step GRPO run). Returns ``paper_ratio_summary``."""
     c = PAPER_RATIO
     root = runs / "paper-ratio"
     recipe = dict(RECIPE, data=c["task"], mini_batch_prompts=c["mini_batch_prompts"])
     control = c["steps"] - c["internal_steps"]
-    tables: dict[str, list[pd.DataFrame]] = {name: [] for name in [*paper_ratio_methods(), f"grpo-{control}"]}
-    seconds: dict[str, float] = {}
     for s in range(1, seeds + 1):
         for name, bupo in paper_ratio_methods().items():
+            if (KEPT / f"{name}-seed{s}" / "problems.csv").is_file() and (
+                    name != "grpo" or (KEPT / f"grpo-{control}-seed{s}" / "problems.csv").is_file()):
+                continue
             run = train(root, f"{name}-seed{s}", c["steps"], seed=s, save_every=c["save_every"], recipe=recipe, **bupo)
-            seconds[f"{name}-seed{s}"] = float(ip.RunFolder(run).metrics()["step_seconds"].sum())
-            tables[name].append(evaluate_at_64(root, str(run / "checkpoints" / f"step-{c['steps']}"), f"{name}-seed{s}"))
+            keep(run, KEPT / f"{name}-seed{s}", ["run.json", "metrics.jsonl"])
+            evaluate_at_64(root, str(run / "checkpoints" / f"step-{c['steps']}"), f"{name}-seed{s}")
             if name == "grpo":
-                tables[f"grpo-{control}"].append(
-                    evaluate_at_64(root, str(run / "checkpoints" / f"step-{control}"), f"grpo-{control}-seed{s}"))
+                evaluate_at_64(root, str(run / "checkpoints" / f"step-{control}"), f"grpo-{control}-seed{s}")
             if s > 1:  # seed 1 keeps a checkpoint every 3 steps for the dynamics stage
                 prune(run, {control, c["steps"]} if name == "grpo" else {c["steps"]})
-        if s == 1:
-            tables["base"] = [evaluate_at_64(root, recipe.get("model", ip.DEFAULT_MODEL), "base")]
-    base = tables.pop("base")[0]
+        evaluate_at_64(root, recipe.get("model", ip.DEFAULT_MODEL), "base")
+    return paper_ratio_summary(seeds)
+
+
+def paper_ratio_summary(seeds: int) -> dict:
+    """The numbers of experiments.json's ``paper_ratio`` from the kept evaluations: every method over the seeds in
+    1..``seeds`` that are complete (all methods and the control evaluated), pass@k and Avg@64 with bootstrap intervals
+    over seeds and problems, the paired differences with a seed-level test; ``complete`` says whether all were there."""
+    c = PAPER_RATIO
+    control = c["steps"] - c["internal_steps"]
+    names = [*paper_ratio_methods(), f"grpo-{control}"]
+    done = [s for s in range(1, seeds + 1) if all((KEPT / f"{n}-seed{s}" / "problems.csv").is_file() for n in names)]
+    if not done or not (KEPT / "base" / "problems.csv").is_file():
+        raise SystemExit(f"paper-ratio: no complete seed kept in {KEPT} yet. Fix: run --stage paper-ratio.")
+    base = read_kept("base")
     metrics = ["accuracy", *(f"pass@{k}" for k in c["ks"])]
+    rename = {"accuracy": f"avg@{c['n']}"}
+    seconds = {f"{n}-seed{s}": float(pd.read_json(KEPT / f"{n}-seed{s}" / "metrics.jsonl", lines=True)["step_seconds"].sum())
+               for n in paper_ratio_methods() for s in done}
     result = {"task": c["task"], "held_out_problems": len(base), "T": c["steps"], "S": c["internal_steps"],
               "K": list(c["layers"]), "mini_batches": RECIPE["prompts_per_step"] // c["mini_batch_prompts"],
-              "n": c["n"], "seeds": seeds, "train_seconds": seconds,
-              "base": {m.replace("accuracy", f"avg@{c['n']}"): bootstrap(base[m].to_numpy()) for m in metrics},
+              "n": c["n"], "seeds": len(done), "seeds_planned": seeds, "complete": len(done) == seeds,
+              "seed_list": done, "train_seconds": seconds,
+              "base": {rename.get(m, m): bootstrap(base[m].to_numpy()) for m in metrics},
               "methods": {}, "differences": {}}
-    stacked = {name: {m: np.stack([t[m].to_numpy() for t in rows]) for m in metrics} for name, rows in tables.items()}
+    stacked = {n: {m: np.stack([read_kept(f"{n}-seed{s}")[m].to_numpy() for s in done]) for m in metrics} for n in names}
     for name, values in stacked.items():
-        result["methods"][name] = {m.replace("accuracy", f"avg@{c['n']}"): {
-            "mean": bootstrap(v), "per_seed": v.mean(axis=1).tolist()} for m, v in values.items()}
-    pairs = [(f"{bupo} - grpo", bupo, "grpo") for bupo in stacked if bupo.startswith("bupo")]
-    pairs += [(f"{bupo} - grpo-{control}", bupo, f"grpo-{control}") for bupo in stacked if bupo.startswith("bupo")]
+        result["methods"][name] = {rename.get(m, m): {"mean": bootstrap(v), "per_seed": v.mean(axis=1).tolist()}
+                                   for m, v in values.items()}
+        if name in paper_ratio_methods():
+            result["methods"][name]["final_entropy_per_seed"] = [
+                float(pd.read_json(KEPT / f"{name}-seed{s}" / "metrics.jsonl", lines=True)["entropy"].iloc[-1])
+                for s in done]
+    bupos = [n for n in names if n.startswith("bupo")]
+    pairs = [(f"{b} - grpo", b, "grpo") for b in bupos] + [(f"{b} - grpo-{control}", b, f"grpo-{control}") for b in bupos]
     pairs += [(f"grpo - grpo-{control}", "grpo", f"grpo-{control}")]
     for label, a, b in pairs:
-        result["differences"][label] = {m.replace("accuracy", f"avg@{c['n']}"): {
+        result["differences"][label] = {rename.get(m, m): {
             "bootstrap": bootstrap(stacked[a][m] - stacked[b][m]),
-            "seed_test": seed_level_test(stacked[a][m].mean(axis=1) - stacked[b][m].mean(axis=1))} for m in metrics}
+            "seed_test": seed_level_test(stacked[a][m].mean(axis=1) - stacked[b][m].mean(axis=1))
+            if len(done) > 1 else None} for m in metrics}  # a seed-level test needs two seeds
     return result
+
+
+def paper_ratio_figures(result: dict, out: Path) -> list[Path]:
+    """figures/paper_ratio_pass_at_k.{png,pdf}: pass@k against k per method with its bootstrap band (Fig. 6's view)."""
+    from internal_policy.figures import pass_at_k_bands, save_figure
+
+    names = {"base": "base model", "grpo": "GRPO, T = 30", f"grpo-{result['T'] - result['S']}": "GRPO, T - S = 27",
+             **{f"bupo-k{k}": f"BuPO K = {k}, S = {result['S']}" for k in result["K"]}}
+    rows = [{"method": "base model", "k": int(m[5:]), "mean": v[0], "low": v[1], "high": v[2]}
+            for m, v in result["base"].items() if m.startswith("pass@")]
+    rows += [{"method": names[name], "k": int(m[5:]), "mean": v["mean"][0], "low": v["mean"][1], "high": v["mean"][2]}
+             for name, values in result["methods"].items() for m, v in values.items() if m.startswith("pass@")]
+    title = (f"{result['task']}: pass@k on {result['held_out_problems']} held-out problems, n = {result['n']}, "
+             f"{result['seeds']} seeds")
+    return save_figure(pass_at_k_bands(pd.DataFrame(rows), title), out / "paper_ratio_pass_at_k", ("png", "pdf"))
+
+
+def paper_ratio_dynamics(runs: Path, figures_out: Path) -> dict:
+    """Seed 1 of each method (a checkpoint every 3 steps; trained again where its checkpoints are gone): the internal
+    policy entropy of the base model and every checkpoint on 16 held-out prompts with the base model's responses, in
+    both norm modes, with the refinement of the internal layer; then the figures of those results and of every kept
+    run's training metrics (ipolicy figures)."""
+    c = PAPER_RATIO
+    root = runs / "paper-ratio"
+    recipe = dict(RECIPE, data=c["task"], mini_batch_prompts=c["mini_batch_prompts"])
+    out, results = {}, []
+    for name, bupo in paper_ratio_methods().items():
+        run = train(root, f"{name}-seed1", c["steps"], seed=1, save_every=c["save_every"], recipe=recipe, **bupo)
+        for mode in ("none", "final"):
+            folder = root / f"dyn-{name}-{mode}"
+            ip.compare([str(run)], data=f"{c['task']}:test", limit=16, max_new_tokens=c["max_new_tokens"],
+                       norm_mode=mode, refine_layer=bupo.get("internal_layer", c["layers"][0]), out=folder,
+                       progress=True)
+            out[f"{name}-{mode}"] = folder.name
+            if mode == "none":
+                results.append(folder)
+    kept_runs = sorted(p.parent for p in KEPT.glob("*-seed*/metrics.jsonl"))
+    written = ip.figures_from_results(results + kept_runs, figures_out / "paper-ratio")
+    return {"results": out, "figures": sorted(str(p.relative_to(figures_out.parent)) for p in written)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stage", choices=["learn", "compare", "sweep", "dynamics", "seed-tests", "paper-ratio", "all"],
-                        default="all")
+    parser.add_argument("--stage", choices=["learn", "compare", "sweep", "dynamics", "seed-tests", "paper-ratio",
+                                            "paper-ratio-summary", "paper-ratio-dynamics", "all"], default="all")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "experiments")
@@ -255,6 +331,12 @@ def main() -> None:
         results = add_seed_tests(results)
     if args.stage in ("paper-ratio", "all"):
         results["paper_ratio"] = paper_ratio(args.runs, args.seeds)
+    if args.stage == "paper-ratio-summary":  # the kept evaluations only: no run, no model
+        results["paper_ratio"] = paper_ratio_summary(args.seeds)
+    if args.stage in ("paper-ratio", "paper-ratio-summary", "all"):
+        paper_ratio_figures(results["paper_ratio"], args.out.parent)
+    if args.stage in ("paper-ratio-dynamics", "all"):
+        results["paper_ratio_dynamics"] = paper_ratio_dynamics(args.runs, args.out.parent)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
 

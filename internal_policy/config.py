@@ -52,6 +52,27 @@ def default_reward(data: str) -> str:
     return "last-number" if data == BUILTIN_ARITHMETIC or is_ladder_task(data) else "math"
 
 
+def local_path(text: str) -> str:
+    """A path that exists here, made absolute (``rows.jsonl`` and ``/abs/rows.jsonl`` are one file); anything else (a
+    Hub id, a built-in name) as given."""
+    from pathlib import Path
+
+    path = Path(text).expanduser()
+    return str(path.resolve()) if path.exists() else text
+
+
+def reward_code(spec) -> str | None:
+    """A digest of a reward file's content (``FILE.py:FUNCTION``), so that results scored by other code are told apart;
+    None for built-in rewards, modules and functions."""
+    import hashlib
+    from pathlib import Path
+
+    if not isinstance(spec, str) or ".py:" not in spec:
+        return None
+    path = Path(spec.rpartition(":")[0]).expanduser()
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else None
+
+
 def _check(ok: bool, message: str) -> None:
     """Parameters are named in backticks (`max_new_tokens`); the CLI shows them as flags (--max-new-tokens)."""
     if not ok:
@@ -105,7 +126,7 @@ class EntropyConfig:
                         "models on the same samples.", short="m", cli_many=True)
     data: str = option(BUILTIN_ARITHMETIC, "A built-in task ('arithmetic'; the ladder add-sub-1, add-sub-2x1, add-sub-2, mul-1, held-out "
                        "NAME:test), a built-in benchmark (math500, amc23, aime24, aime25, deepmath-5k), a .jsonl/.parquet "
-                       "file (verl layout or prompt/response/answer rows), or a Hub dataset NAME[:SPLIT].", short="d")
+                       "file (verl layout or prompt/response/answer rows), or a Hub dataset OWNER/NAME[:SPLIT].", short="d")
     limit: int | None = option(None, "Use only the first N rows (built-in task: N prompts, default 8).")
     samples: int = option(1, "Responses generated per prompt (rows without a 'response').")
     max_new_tokens: int = option(64, "Length limit of generated responses, in tokens.")
@@ -116,7 +137,8 @@ class EntropyConfig:
                                               "prompts, e.g. '{\"enable_thinking\": false}' for Qwen3's non-thinking "
                                               "template.")
     norm_mode: str = option("none", "'none': pi(x) = softmax(U x), the paper's; 'final': logit lens, softmax(U LNf(x)).")
-    fast: bool = option(False, "bf16 unembedding matmul: ~4x faster on CPU, layer means within ~1e-2 nats (see README).")
+    fast: bool = option(False, "bf16 unembedding matmuls: about 2x faster on a CPU with bf16 units, layer means within "
+                        "about 1e-2 nats (" + DOCS_URL + "/performance/).")
     boundary_tolerance: float = option(BOUNDARY_TOLERANCE, "Nats: a mean FFN entropy change above this counts as "
                                        "exploration when finding the boundary layer (" + DEFINITIONS_URL + "#boundary-layer).")
     refine_layer: int | None = option(None, "Also write refinement.csv: cos(h_k, h_j) and KL(pi(h_k) || pi(h_j)) of this "
@@ -235,6 +257,7 @@ class TrainConfig:
             _check(self.internal_layer.isdigit(), f"`internal_layer` must be a layer number or 'auto', got "
                    f"'{self.internal_layer}'. Fix: change it.")
             self.internal_layer = int(self.internal_layer)
+        _check(self.internal_steps >= 0, f"`internal_steps` must be at least 0, got {self.internal_steps}. Fix: change it.")
         _check(self.internal_layer is None or self.internal_steps > 0,
                f"`internal_layer` {self.internal_layer} is given but `internal_steps` is {self.internal_steps}, so no step "
                "would train it. Fix: give `internal_steps` S >= 1 (BuPO), or leave `internal_layer` out (GRPO).")
@@ -274,10 +297,15 @@ class TrainConfig:
     RENAMED = {"data_limit": "limit"}  # older run.json field names
 
     def record(self) -> dict:
-        """The options as run.json stores them (JSON values; a reward function as 'module:name')."""
+        """The options as run.json stores them (JSON values; local paths absolute; a reward function as
+        'module:name')."""
         record = asdict(self)
+        record["model"], record["data"] = local_path(self.model), local_path(self.data)
         if callable(self.reward):
             record["reward"] = f"{getattr(self.reward, '__module__', '?')}:{getattr(self.reward, '__qualname__', '?')}"
+        elif ".py:" in self.reward:
+            file, _, name = self.reward.rpartition(":")
+            record["reward"] = f"{local_path(file)}:{name}"
         return json.loads(json.dumps(record, default=str))
 
     def changes_from(self, stored: dict) -> list[str]:
@@ -285,6 +313,8 @@ class TrainConfig:
         may change. An option the stored run does not know (added since) counts as changed only when it is not at
         its default; options since removed are ignored."""
         stored = {self.RENAMED.get(k, k): v for k, v in stored.items()}
+        for key in ("model", "data"):  # runs that recorded paths as given
+            stored[key] = local_path(stored[key]) if isinstance(stored.get(key), str) else stored.get(key)
         defaults = TrainConfig().record()
         mine = self.record()
         return sorted(k for k, v in mine.items() if k not in self.RESUMABLE_CHANGES and stored.get(k, defaults[k]) != v)
@@ -340,6 +370,8 @@ class EvalConfig:
         model or dataset extends the folder; nor k: pass@k is recomputed from the stored responses."""
         keep = ("n", "max_new_tokens", "temperature", "top_p", "seed", "limit", "reward", "dtype", "rollouts")
         fingerprint = {k: getattr(self, k) for k in keep}
+        if reward_code(self.reward):  # a reward file that changed scores the stored responses otherwise
+            fingerprint["reward_code"] = reward_code(self.reward)
         if self.chat_template_kwargs is not None:
             fingerprint["chat_template_kwargs"] = parse_chat_template_kwargs(self.chat_template_kwargs)
         return fingerprint

@@ -44,7 +44,9 @@ class Sample:
 
     ``eos``: the stop token that ended the response (its text, e.g. ``"<|im_end|>"``), or None when the response is
     the text alone (given text, or a generated response cut at ``max_new_tokens``). A stop token is analysed as the
-    response's last token: the model decided to stop there (docs/definitions.md §2).
+    response's last token: the model decided to stop there (docs/definitions.md §2). ``response_ids``: a generated
+    response's sampled token ids (stop token excluded), analysed as they are by a tokenizer that decodes them to
+    ``response``.
     """
 
     id: str
@@ -53,6 +55,7 @@ class Sample:
     answer: str | None = None
     source: str = ""
     eos: str | None = None
+    response_ids: list[int] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -223,7 +226,7 @@ def _read_rows(spec: str) -> list[dict[str, Any]]:
         raise IPolicyError(
             f"Could not load dataset '{spec}': not a local file, and the Hub gave: {str(error).splitlines()[0]}. "
             f"Fix: pass a .jsonl/.parquet file, 'arithmetic', a built-in dataset ({', '.join(BUILTIN_DATASETS)}), or a Hub "
-            "dataset as NAME[:SPLIT]."
+            "dataset as OWNER/NAME[:SPLIT]."
         ) from error
     return list(dataset)
 
@@ -251,7 +254,7 @@ def _refuse_near_misses(spec: str) -> None:
     close = difflib.get_close_matches(spec, names, n=1, cutoff=0.6)
     if close:
         raise IPolicyError(f"`data` '{spec}' is neither a file nor a built-in name. Fix: did you mean '{close[0]}'? "
-                           f"(Built-in: {', '.join(names)}; a Hub dataset is named OWNER/NAME.)")
+                           f"(Built-in: {', '.join(names)}; a Hub dataset is OWNER/NAME[:SPLIT].)")
 
 
 def load_samples(spec: str = BUILTIN_ARITHMETIC, *, limit: int | None = None, seed: int = 0) -> list[Sample]:
@@ -316,12 +319,18 @@ def check_prompt_fits(sample_id: str, n_prompt: int, max_new_tokens: int, contex
 
 def tokenize_sample(tokenizer, sample: Sample, context_length: int | None = None,
                     chat_template_kwargs: dict | None = None) -> TokenizedSample:
-    """docs/definitions.md §2: prompt and response tokenized separately, without special tokens, then concatenated;
-    a response that ended with a stop token (``sample.eos``) has that token as its last token."""
+    """docs/definitions.md §2: prompt and response tokenized separately, without special tokens, then concatenated
+    (a generated response keeps its sampled ids where this tokenizer decodes them to its text); a response that ended
+    with a stop token (``sample.eos``) has that token as its last token."""
     if sample.response is None:
         raise ValueError(f"sample {sample.id} has no response to analyse")
     prompt_ids = encode(tokenizer, render_prompt(tokenizer, sample.prompt, chat_template_kwargs))
-    response_ids = encode(tokenizer, sample.response) + ([stop_token_id(tokenizer, sample.eos)] if sample.eos else [])
+    sampled = sample.response_ids
+    if sampled is not None and tokenizer.decode(sampled, skip_special_tokens=True) == sample.response:
+        response_ids = list(sampled)  # exactly the tokens the model produced (text can re-tokenize otherwise)
+    else:
+        response_ids = encode(tokenizer, sample.response)
+    response_ids += [stop_token_id(tokenizer, sample.eos)] if sample.eos else []
     if not prompt_ids:
         raise IPolicyError(f"Sample '{sample.id}' has an empty prompt. Fix: drop the row or give it a prompt.")
     total = len(prompt_ids) + len(response_ids)

@@ -76,24 +76,31 @@ class EntropyResult:
         return self.__dict__["_predictions_frame"]
 
     def top_tokens(self, sample_index: int, position: int, layer: int, state: str = "resid",
-                   step: int | None = None) -> pd.DataFrame:
+                   checkpoint: str | None = None) -> pd.DataFrame:
         """The top-k tokens of one policy at one token, most probable first: rank, token_id, text, prob.
-        ``state``: resid (h_layer; layer L: the real policy), attn_in, attn_out, ffn_in or ffn_out; ``step``: the
-        checkpoint, across checkpoints (default: the last)."""
+        ``state``: resid (h_layer; layer L: the real policy), attn_in, attn_out, ffn_in or ffn_out; ``checkpoint``:
+        across checkpoints, the model's label (a value of the ``checkpoint`` column; default: the last)."""
         import pyarrow.compute as pc
+
+        from .lens.engine import STATES
 
         if self.prediction_table is None:
             raise IPolicyError("This result has no predictions. Fix: analyse with `top_k` >= 1.")
+        if state not in STATES.values():
+            raise IPolicyError(f"`state` must be one of {', '.join(STATES.values())}, got '{state}'. Fix: change it.")
         table = self.prediction_table
         mask = pc.and_(pc.and_(pc.equal(table["sample_index"], sample_index), pc.equal(table["position"], position)),
                        pc.and_(pc.equal(table["layer"], layer), pc.equal(table["state"], state)))
-        if "step" in table.column_names:
-            mask = pc.and_(mask, pc.equal(table["step"], self.summary["step"].max() if step is None else step))
+        if "checkpoint" in table.column_names:
+            checkpoint = checkpoint or self.last_checkpoint
+            if checkpoint not in set(table["checkpoint"].to_pylist()):
+                raise IPolicyError(f"`checkpoint` '{checkpoint}' is not in this result. Fix: use one of "
+                                   f"{', '.join(m['label'] for m in self.manifest['models'])}.")
+            mask = pc.and_(mask, pc.equal(table["checkpoint"], checkpoint))
         rows = table.filter(mask).to_pylist()
         if not rows:
-            raise IPolicyError(f"No prediction for sample {sample_index}, position {position}, layer {layer}, state "
-                               f"'{state}'. Fix: pick them from `tokens` (position) and the states of "
-                               "docs/definitions.md.")
+            raise IPolicyError(f"No prediction for sample {sample_index}, position {position}, layer {layer}. Fix: "
+                               "pick a sample_index and position from `tokens`, and a layer in 0..L (0: resid only).")
         text = dict(zip(self.vocabulary["token_id"], self.vocabulary["text"]))
         ids, probs = rows[0]["top_ids"], rows[0]["top_probs"]
         return pd.DataFrame({"rank": range(1, len(ids) + 1), "token_id": ids, "text": [text.get(i) for i in ids],
@@ -130,10 +137,15 @@ class EntropyResult:
 
         return write_view(self, out, samples)
 
+    @property
+    def last_checkpoint(self) -> str | None:
+        """Across checkpoints, the label of the last model (in step order, as given); else None."""
+        return self.manifest["models"][-1]["label"] if "models" in self.manifest else None
+
     def _last_step(self) -> pd.DataFrame:
-        if "step" not in self.summary:
+        if "checkpoint" not in self.summary:
             return self.summary
-        return self.summary[self.summary["step"] == self.summary["step"].max()]
+        return self.summary[self.summary["checkpoint"] == self.last_checkpoint]
 
     def plot_flow(self, title: str = ""):
         """The paper's Fig. 2: entropy of layer input, attention output, FFN output and layer output per layer."""
@@ -154,7 +166,7 @@ class EntropyResult:
         """The result of a finished run, read back from its folder."""
         out = Path(out)
         if not (out / "manifest.json").is_file():
-            raise IPolicyError(f"'{out}' holds no finished entropy run (no manifest.json). Fix: run `analyse` into it.")
+            raise IPolicyError(f"'{out}' holds no finished entropy run (no manifest.json). Fix: analyse into it (`ipolicy entropy --out`, or `out` of analyse), or check the path.")
         manifest = json.loads((out / "manifest.json").read_text())
         refinement = pd.read_csv(out / "refinement.csv") if (out / "refinement.csv").is_file() else None
         boundary = manifest.get("boundary_layer", manifest.get("checkpoints", [{}])[-1].get("boundary_layer"))
@@ -365,8 +377,8 @@ def _analyse(config: EntropyConfig, sink, progress: bool, inputs: list[Sample], 
     boundary = boundary_layer(summary, config.boundary_tolerance)
     timings["total_s"] = time.perf_counter() - started
     skipped = [samples[i].id for i in range(len(samples)) if i not in set(analysable)]
-    manifest = {**_manifest(config, loaded, engine, samples, summary, boundary, timings), "processes": share.processes,
-                "skipped_samples": skipped}
+    manifest = {**_manifest(config, loaded, engine, samples, summary, boundary, timings, skipped),
+                "processes": share.processes, "skipped_samples": skipped}
     result = EntropyResult(summary, boundary, manifest, samples, tokens, refinement, out, predictions, vocabulary)
     if out is not None:
         sink.finish(summary, manifest, refinement, vocabulary)
@@ -459,7 +471,8 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _manifest(config: EntropyConfig, loaded: LoadedModel, engine, samples, summary, boundary, timings) -> dict:
+def _manifest(config: EntropyConfig, loaded: LoadedModel, engine, samples, summary, boundary, timings,
+              skipped: list[str]) -> dict:
     n_tokens = int(summary["n_tokens"].iloc[0])
     return {
         "model": config.model,
@@ -473,7 +486,7 @@ def _manifest(config: EntropyConfig, loaded: LoadedModel, engine, samples, summa
         "logit_transform": engine.head.transform_description,
         "block_layout": loaded.block_layout,
         "data": config.data,
-        "n_samples": len(samples),
+        "n_samples": len(samples) - len(skipped),
         "n_tokens": n_tokens,
         "seed": config.seed,
         "boundary_layer": boundary,
@@ -493,7 +506,7 @@ def compare(models: list[str], config: EntropyConfig | None = None, *, out: str 
     and every checkpoint. Responses are given by the data or generated once by the first model and reused, so
     differences come from the weights. The tables add ``step`` (0 for a base model) and ``checkpoint``.
 
-    With ``out``, each model gets a resumable subfolder ``out/checkpoints/NN-LABEL`` and the combined tables, the
+    With ``out``, each model gets a resumable subfolder ``out/checkpoints/LABEL`` and the combined tables, the
     entropy-dynamics figure and the manifest are written to ``out``. The folder resumes only the same options, input
     samples and first model (whose responses every model analyses); a run folder that gained checkpoints extends it.
     """
@@ -501,7 +514,7 @@ def compare(models: list[str], config: EntropyConfig | None = None, *, out: str 
     if samples is not None:
         config = replace(config, data=GIVEN_SAMPLES)
     series = [checkpoint_series(spec, config.base_model, config.revisions) for spec in models]
-    targets = [c for s in series for c in s.checkpoints]
+    targets = _unique_labels([c for s in series for c in s.checkpoints])
     inputs = samples if samples is not None else load_samples(config.data, limit=config.limit, seed=config.seed)
     config = replace(config, revisions=None)  # each checkpoint carries its own revision
     if out is None:
@@ -510,6 +523,13 @@ def compare(models: list[str], config: EntropyConfig | None = None, *, out: str 
     with folder_lock(out):
         return _compare(targets, series, config, ComparisonFolder(Path(out), fingerprint, overwrite), overwrite, progress,
                         inputs)
+
+
+def _unique_labels(targets: list) -> list:
+    """Checkpoints whose labels repeat (two folders of one name, a model given twice) get '#n' appended, so that every
+    table row, model folder and view entry names one model."""
+    labels = [c.label for c in targets]
+    return [replace(c, label=f"{c.label}#{i}") if labels.count(c.label) > 1 else c for i, c in enumerate(targets)]
 
 
 def _checkpoint_config(config: EntropyConfig, checkpoint) -> EntropyConfig:
@@ -524,13 +544,15 @@ def _compare(targets: list, series: list, config: EntropyConfig, folder: Compari
         raise IPolicyError("`models` names no model. Fix: give at least one model or run folder.")
     tables: dict[str, list[pd.DataFrame]] = {"summary": [], "tokens": [], "refinement": []}
     results, model_folders = [], []
+    if folder is not None:
+        folder.keep = {folder.model_folder(c.label).name for c in targets}
     for i, checkpoint in enumerate(targets):
         label, step = checkpoint.label, checkpoint.step
         sub_config = _checkpoint_config(config, checkpoint)
         if folder is None:
             result = analyse(sub_config, progress=progress, samples=results[0].samples if i else inputs)
         else:
-            model_folders.append(folder.model_folder(i, label))
+            model_folders.append(folder.model_folder(label))
             given = read_jsonl_samples(folder.samples_path) if i else inputs  # the first model's responses
             if i:  # recorded in the manifest: the samples this model analysed
                 sub_config = replace(sub_config, data=str(folder.samples_path), limit=None, samples=1)

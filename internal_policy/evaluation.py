@@ -52,7 +52,7 @@ class EvalResult:
         """The result of a finished evaluation, read back from its folder."""
         out = Path(out)
         if not (out / "summary.json").is_file():
-            raise IPolicyError(f"'{out}' holds no finished evaluation (no summary.json). Fix: run `evaluate` into it.")
+            raise IPolicyError(f"'{out}' holds no finished evaluation (no summary.json). Fix: evaluate into it (`ipolicy eval --out`, or `out` of evaluate), or check the path.")
         manifest = json.loads((out / "summary.json").read_text())
         responses = pd.DataFrame([json.loads(line) for path in sorted((out / "responses").glob("*.jsonl"))
                                   for line in path.read_text().splitlines() if line.strip()])

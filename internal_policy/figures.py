@@ -11,6 +11,7 @@ import functools
 import json
 from pathlib import Path
 
+from matplotlib.ticker import MaxNLocator
 import matplotlib.pyplot as plt  # headless, matplotlib picks Agg by itself; in a notebook, the inline backend
 import pandas as pd
 import seaborn as sns
@@ -113,6 +114,7 @@ def entropy_dynamics(summary: pd.DataFrame, module: str = "layer"):
     right.set_xlabel("training step")
     right.set_ylabel("mean entropy (nats)")
     right.set_title("One line per layer")
+    right.xaxis.set_major_locator(MaxNLocator(integer=True))
     if len(grid.index) <= 12:
         right.legend(fontsize=7, ncol=2)
     fig.tight_layout()
@@ -151,6 +153,7 @@ def internal_layer_dynamics(summaries: dict[str, pd.DataFrame], layer: int):
             rows = summary[(summary["module"] == module) & (summary["layer"] == layer)].sort_values("step")
             ax.plot(rows["step"], rows[column], marker="o", markersize=3, label=name)
         ax.set(xlabel="training step", ylabel=label)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0].legend(fontsize=8)
     fig.suptitle(f"Internal layer {layer} across checkpoints", y=1.02)
     fig.tight_layout()
@@ -162,7 +165,7 @@ TRAINING_PANELS = (
     ("accuracy", "accuracy"),
     ("response_len_mean", "response length (tokens)"),
     ("entropy", "final policy entropy (nats)"),
-    ("internal_entropy", "internal policy entropy (nats)"),
+    ("internal_entropy", "entropy of π(h_k), k = the run's monitor_layer (nats)"),
 )
 
 
@@ -190,7 +193,7 @@ def training_curves(runs: dict[str, pd.DataFrame]):
     if len(internal):
         for ax in axes:
             ax.axvspan(0.5, internal.max() + 0.5, color="gray", alpha=0.08, linewidth=0)
-    fig.suptitle("Training curves (shaded: BuPO internal phase; bands: min–max over seeds)", y=1.02)
+    fig.suptitle("Training curves (shaded: steps 1..S of the BuPO runs; bands: min–max over seeds)", y=1.02)
     fig.tight_layout()
     return fig
 
@@ -205,6 +208,8 @@ def feature_refinement(refinement: pd.DataFrame):
     sns.lineplot(data=data, x="layer_j", y="cos_mean", hue="step", palette="viridis", marker="o", markersize=3, ax=left)
     sns.lineplot(data=data, x="layer_j", y="kl_mean", hue="step", palette="viridis", marker="o", markersize=3, ax=right)
     k = int(data["layer_k"].iloc[0])
+    for ax in (left, right):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     left.set(xlabel="higher layer j", ylabel=f"cos(h_{k}, h_j)", title=f"Feature refinement of layer {k}: similarity")
     right.set(xlabel="higher layer j", ylabel=f"KL(π(h_{k}) ‖ π(h_j)) (nats)", title="Policy divergence")
     for ax in (left, right):
@@ -226,6 +231,25 @@ def pass_at_k_curves(problems: pd.DataFrame):
         sns.lineplot(data=part, x="k", y="pass", hue="model", marker="o", ax=ax)
         ax.set_xscale("log", base=2)
         ax.set(xlabel="k", ylabel="pass@k", title=str(dataset), ylim=(0, 1))
+    fig.tight_layout()
+    return fig
+
+
+@_styled
+def pass_at_k_bands(table: pd.DataFrame, title: str = ""):
+    """The paper's Fig. 6 view with intervals: mean pass@k against k (log scale) per method, each with its band.
+    ``table``: one row per (method, k) with ``mean``, ``low`` and ``high`` (e.g. a bootstrap interval over seeds and
+    problems)."""
+    fig, ax = plt.subplots(figsize=(6.0, 4.0))
+    palette = sns.color_palette("colorblind", n_colors=table["method"].nunique())
+    for color, (method, rows) in zip(palette, table.groupby("method", sort=False)):
+        rows = rows.sort_values("k")
+        ax.plot(rows["k"], rows["mean"], marker="o", color=color, label=method)
+        ax.fill_between(rows["k"], rows["low"], rows["high"], color=color, alpha=0.15, linewidth=0)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted(table["k"].unique()), [str(k) for k in sorted(table["k"].unique())])
+    ax.set(xlabel="k", ylabel="pass@k", title=title or "pass@k (bands: 95 % intervals)")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
 
@@ -253,6 +277,28 @@ def _figure_names(results: list[Path]) -> dict[Path, str]:
     return names
 
 
+# options that differ between runs of one method without making it another (how long, how often it saves, where it
+# logs), and the seed, which is what repeats
+_NOT_A_METHOD = ("seed", "steps", "save_every", "tensorboard", "wandb", "vllm_gpu_memory", "device")
+
+
+def _label_runs(runs: list[tuple[Path, str]]) -> dict[str, pd.DataFrame]:
+    """Training curves' labels 'METHOD seed S': runs of one method (GRPO, BuPO K, S) that differ in any other option
+    (a learning rate, the data) get those options in their method, so that only seeds are drawn as one band; two runs
+    of one method and seed keep apart by their folder's name."""
+    folders = {folder: RunFolder(folder) for folder, _ in runs}
+    configs = {folder: run.info().get("config", {}) for folder, run in folders.items()}
+    labels: dict[str, pd.DataFrame] = {}
+    for folder, name in runs:
+        run, config = folders[folder], configs[folder]
+        peers = [configs[f] for f in folders if folders[f].method() == run.method()]
+        differ = sorted(k for k in config if k not in _NOT_A_METHOD and len({json.dumps(p.get(k)) for p in peers}) > 1)
+        method = run.method() + "".join(f", {k}={config[k]}" for k in differ)
+        label = f"{method} seed {config.get('seed', name)}"
+        labels[label if label not in labels else f"{label} ({name})"] = run.metrics()
+    return labels
+
+
 def _boundary_tolerance(folder: Path) -> float:
     """The tolerance the run found its boundary layer with (manifest.json), else the default."""
     from .config import BOUNDARY_TOLERANCE
@@ -269,12 +315,15 @@ def _boundary_tolerance(folder: Path) -> float:
 def _figures_from_results(results: list[Path], out: Path, formats: tuple[str, ...]) -> list[Path]:
     written: list[Path] = []
     runs: dict[str, pd.DataFrame] = {}
+    training: list[tuple[Path, str]] = []  # ipolicy runs, labelled together once all are known
     dynamics: dict[str, pd.DataFrame] = {}  # across-checkpoint summaries, drawn together at the end
     refined: set[int] = set()  # the layers whose refinement was measured
     results = [Path(r) for r in results]
     names = _figure_names(results)
     for folder in results:
         name = names[folder]
+        if not folder.is_dir():
+            raise IPolicyError(f"'{folder}' does not exist or is not a folder. Fix: check the path.")
         if (folder / "summary.csv").is_file() and "layer" in pd.read_csv(folder / "summary.csv", nrows=1).columns:
             summary = pd.read_csv(folder / "summary.csv")
             norm = str(summary["norm_mode"].iloc[0]) if "norm_mode" in summary else "none"
@@ -291,9 +340,7 @@ def _figures_from_results(results: list[Path], out: Path, formats: tuple[str, ..
                 refined.add(int(refinement["layer_k"].iloc[0]))
                 written += save_figure(feature_refinement(refinement), out / f"{name}_refinement", formats)
         elif RunFolder(folder).metrics_path.is_file():
-            run = RunFolder(folder)
-            label = run.label()
-            runs[label if label not in runs else f"{label} ({name})"] = run.metrics()  # same seed, another run
+            training.append((folder, name))
         elif (metrics := trainer_metrics(folder)) is not None:  # a TRL / HF Trainer output folder
             runs[f"{name} (TRL)"] = metrics
         elif any(folder.glob("global_step_*/actor")):
@@ -305,6 +352,7 @@ def _figures_from_results(results: list[Path], out: Path, formats: tuple[str, ..
         else:
             raise IPolicyError(f"'{folder}' holds no results ipolicy knows (summary.csv, metrics.jsonl or problems.csv). "
                               "Fix: pass result folders.")
+    runs.update(_label_runs(training))
     if runs:
         written += save_figure(training_curves(runs), out / "training_curves", formats)
     if len(dynamics) > 1:

@@ -361,7 +361,13 @@ def _load_adapter(model: str, location: str, base_model: str | None, dtype: str,
     from .runs import _adapter_base
 
     base_name = _adapter_base(Path(location), base_model)
-    base = load_model(base_name, dtype=dtype, device=device, device_map=device_map, trust_remote_code=trust_remote_code)
+    try:
+        base = load_model(base_name, dtype=dtype, device=device, device_map=device_map,
+                          trust_remote_code=trust_remote_code)
+    except IPolicyError as error:
+        named = "`base_model`" if base_model else "its adapter_config.json (base_model_name_or_path)"
+        raise IPolicyError(f"The adapter '{model}' applies to '{base_name}', named by {named}, which did not load: "
+                           f"{error} To use another copy of that model, give `base_model`.") from None
     try:
         merged = PeftModel.from_pretrained(base.hf_model, location).merge_and_unload()
     except (OSError, ValueError, RuntimeError, KeyError) as error:

@@ -11,7 +11,7 @@ Entropy results (``ipolicy entropy --out DIR``), ``EntropyFolder``::
     manifest.json     model, revision, dtype, norm mode, data, seed, versions, timings, and the run's fingerprint
     entropy_flow.png, entropy_change.png
     .partial/         shards of finished batches while a run is in progress (removed when it completes)
-    checkpoints/NN-LABEL/   across checkpoints: one entropy folder per model
+    checkpoints/LABEL/ across checkpoints: one entropy folder per model
 
 Training runs (``ipolicy train-* --out DIR``), ``RunFolder``::
 
@@ -171,8 +171,11 @@ class ResultsFolder:
 class EntropyFolder(ResultsFolder):
     """The results folder of an entropy run: each finished batch is an atomic parquet shard, merged at the end."""
 
+    # everything an entropy run writes, and what a comparison into the same folder writes (an --overwrite replaces
+    # either with the other)
     outputs = ("samples.jsonl", "tokens.parquet", "predictions.parquet", "vocabulary.parquet", "summary.csv",
-               "refinement.csv", "manifest.json", "entropy_flow.png", "entropy_change.png", "view.html")
+               "refinement.csv", "manifest.json", "entropy_flow.png", "entropy_change.png", "view.html", "checkpoints",
+               "entropy_dynamics.png")
 
     @property
     def samples_path(self) -> Path:
@@ -279,24 +282,38 @@ class EntropyFolder(ResultsFolder):
             atomic_write(self.out / "vocabulary.parquet", lambda tmp: vocabulary.to_parquet(tmp, index=False))
         else:  # an earlier run's, with `top_k`
             self.remove("predictions.parquet", "vocabulary.parquet")
+        self.remove("view.html", "checkpoints", "entropy_dynamics.png")  # of the results as they were, or a comparison's
         self.write_manifest(manifest)
 
 
 class ComparisonFolder(ResultsFolder):
     """Several models on the same samples (``compare``): the samples, one entropy folder per model under
-    ``checkpoints/NN-LABEL/``, and the combined tables. Its fingerprint holds the options, the input samples' content
-    and the identity of the first model (whose responses every model analyses); each model's folder has its own."""
+    ``checkpoints/LABEL/``, and the combined tables. Its fingerprint holds the options, the input samples' content
+    and the identity of the first model (whose responses every model analyses); each model's folder has its own, so
+    a series that gained a checkpoint analyses only that one.
 
-    outputs = ("samples.jsonl", "tokens.parquet", "summary.csv", "refinement.csv", "manifest.json",
-               "entropy_dynamics.png", "checkpoints", "view.html")
+    ``overwrite`` removes the previous outputs at the first write, except the model folders of this comparison
+    (``keep``), which replace their own contents as they are analysed."""
+
+    outputs = EntropyFolder.outputs
+    keep: set[str] = set()
 
     @property
     def samples_path(self) -> Path:
         return self.out / "samples.jsonl"
 
-    def model_folder(self, index: int, label: str) -> Path:
-        """The entropy folder of the ``index``-th model, named by its label (made safe for a file name)."""
-        return self.out / "checkpoints" / f"{index:02d}-{re.sub(r'[^A-Za-z0-9._@-]+', '_', label)}"
+    def model_folder(self, label: str) -> Path:
+        """The entropy folder of the model labelled ``label`` (made safe for a file name)."""
+        return self.out / "checkpoints" / re.sub(r"[^A-Za-z0-9._@#-]+", "_", label)
+
+    def start(self) -> None:
+        if self.overwrite:  # the previous run's outputs, not this run's model folders
+            stale = [p for p in (self.out / "checkpoints").glob("*") if p.name not in self.keep]
+            for path in [*(self.out / n for n in self.outputs if n != "checkpoints"), *stale]:
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+            shutil.rmtree(self.partial, ignore_errors=True)
+            self.overwrite = False
+        super().start()
 
     def write_samples(self, source: Path) -> None:
         """The first model's samples (given or generated responses), which every later model analyses."""
@@ -315,6 +332,8 @@ class ComparisonFolder(ResultsFolder):
             self.remove("refinement.csv")
         keep = {Path(f).name for f in model_folders}
         self.remove(*(p.relative_to(self.out).as_posix() for p in (self.out / "checkpoints").glob("*") if p.name not in keep))
+        self.remove("predictions.parquet", "vocabulary.parquet", "entropy_flow.png", "entropy_change.png",
+                    "view.html")  # a single model's outputs, or a view of the comparison as it was
         self.write_manifest(manifest)
 
 
@@ -362,7 +381,8 @@ class RunFolder:
         return self.path / "run.json"
 
     def is_run(self) -> bool:
-        return self.metrics_path.is_file() or (self.path / "checkpoints").is_dir()
+        """Whether the folder holds a run, finished, stopped, or stopped before its first checkpoint."""
+        return self.metrics_path.is_file() or self.run_json.is_file() or (self.path / "checkpoints").is_dir()
 
     def checkpoint(self, step: int) -> Path:
         return self.path / "checkpoints" / f"step-{step}"

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .config import DEFINITIONS_URL
 from .errors import IPolicyError
 from .io import atomic_write_text
 
@@ -97,15 +98,18 @@ def view_data(result, samples: int | None = None) -> dict:
                             "tokens": rows["token_id"].astype(int).tolist(), "positions": rows["position"].astype(int).tolist()})
     boundary = result.boundary
     shown = f"showing {len(chosen)} of {len(available)} samples"
+    across = len(steps) > 1
+    model = (f"{len(steps)} checkpoints ({steps[0][1]} … {steps[-1][1]})" if across else meta["model"])
     return {
-        "title": f"{meta['model']}: what each internal policy predicts",
+        "title": f"{model}: what each internal policy predicts",
         "meta": (f"norm mode {result.norm_mode} · {n_layers} layers · boundary layer "
                  f"{boundary if boundary is not None else 'none'} · {shown}"
                  + (f" · {len(steps)} checkpoints" if len(steps) > 1 else "")),
-        "note": ("Hover a cell: the policy's top tokens with their probabilities, and the probability and rank of the "
-                 "token the response continues with (bold when it is among them). Entropies in nats; definitions: "
-                 "docs/definitions.md. " + (f"ipolicy view --samples {len(available)} holds every sample."
-                                            if len(chosen) < len(available) else "")),
+        "note": (("Hover a cell: the policy's top tokens with their probabilities, and the probability and rank of "
+                  "the token the response continues with (bold when it is among them). " if top_k else
+                  "Hover a cell: its entropies (this result was analysed with --top-k 0, so no predictions). ")
+                 + f"Entropies in nats; definitions: {DEFINITIONS_URL} "
+                 + (f"ipolicy view --samples {len(available)} holds every sample." if len(chosen) < len(available) else "")),
         "n_layers": n_layers, "top_k": top_k, "boundary": boundary,
         "steps": [{"step": None if s is None else int(s), "label": "result" if s is None else f"step {int(s)}: {c}"}
                   for s, c in steps],

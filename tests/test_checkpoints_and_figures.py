@@ -93,6 +93,9 @@ def test_figures_command(across_checkpoints, bupo_run, tiny_llama, rows_file, tm
         _looks_like_a_figure(out / f"{name}.png")
         assert (out / f"{name}.pdf").read_bytes()[:4] == b"%PDF"
     bad = run_cli("figures", tmp_path / "nothing", "--out", out)
+    assert bad.exit_code == 2 and "does not exist" in bad.output
+    (tmp_path / "empty").mkdir()
+    bad = run_cli("figures", tmp_path / "empty", "--out", out)
     assert bad.exit_code == 2 and "holds no results" in bad.output
 
 
@@ -173,10 +176,10 @@ def test_every_output_column_is_defined_in_the_definitions_page(bupo_run, across
     names |= set(json.loads((bupo_run / "metrics.jsonl").read_text().splitlines()[0]))
     names |= set(pd.read_csv(evaluation / "problems.csv").columns) | set(pd.read_csv(evaluation / "summary.csv").columns)
     names |= set(pd.read_json(next((evaluation / "responses").glob("*.jsonl")), lines=True).columns)
-    single = json.loads((across_checkpoints / "checkpoints" / "00-run-step-0" / "manifest.json").read_text())
+    single = json.loads((across_checkpoints / "checkpoints" / "run-step-0" / "manifest.json").read_text())
     names |= set(single) | set(single["timings"]) | set(single["fingerprint"]) | set(single["fingerprint"]["model"])
     names |= set(json.loads((across_checkpoints / "manifest.json").read_text())["models"][0])
-    model_folder = across_checkpoints / "checkpoints" / "00-run-step-0"
+    model_folder = across_checkpoints / "checkpoints" / "run-step-0"
     names |= set(pd.read_parquet(model_folder / "predictions.parquet").columns)
     names |= set(pd.read_parquet(model_folder / "vocabulary.parquet").columns)
     names |= set(json.loads((across_checkpoints / "samples.jsonl").read_text().splitlines()[0]))

@@ -78,8 +78,14 @@ def test_compare_refuses_a_folder_whose_responses_came_from_another_model(tiny_l
     assert extended.tokens.groupby("checkpoint")["token_id"].apply(tuple).nunique() == 1
     # and a shorter comparison leaves no stale model folder behind
     ip.compare([str(tiny_llama), str(tiny_mistral)], **options)
-    assert sorted(p.name for p in (tmp_path / "o" / "checkpoints").iterdir()) == [f"00-{tiny_llama.name}",
-                                                                                  f"01-{tiny_mistral.name}"]
+    assert sorted(p.name for p in (tmp_path / "o" / "checkpoints").iterdir()) == sorted([tiny_llama.name,
+                                                                                         tiny_mistral.name])
+    # a model given twice, and --overwrite of a comparison folder: every model keeps its own label and folder
+    again = ip.compare([str(tiny_llama), str(tiny_llama)], **{**options, "overwrite": True})
+    assert sorted(set(again.tokens["checkpoint"])) == [f"{tiny_llama.name}#0", f"{tiny_llama.name}#1"]
+    assert again.last_checkpoint == f"{tiny_llama.name}#1" and len(again._last_step()) == len(first._last_step())
+    assert sorted(p.name for p in (tmp_path / "o" / "checkpoints").iterdir()) == [f"{tiny_llama.name}#0",
+                                                                                  f"{tiny_llama.name}#1"]
 
 
 def test_fingerprints_hold_resolved_values(tiny_llama, rows_file, tmp_path, monkeypatch):
@@ -113,6 +119,36 @@ def test_resume_refuses_changed_options_and_allows_more_steps(tiny_llama, train_
     more = run_cli("train-grpo", *common, "--group-size", "2", "--steps", "2", "--resume")
     assert more.exit_code == 0, more.output
     assert [p.name for p in ip.TrainResult.load(out).checkpoints] == ["step-1", "step-2"]
+    done = run_cli("train-grpo", *common, "--group-size", "2", "--steps", "2", "--resume")
+    assert done.exit_code == 0 and "already at step 2" in done.output
+    # the same file under another spelling resumes; a file whose prompts changed, or a reward whose code did, does not
+    rows = (train_rows / "rows.jsonl").read_text()
+    (train_rows / "rows.jsonl").write_text(rows.replace("What is 0 + 1?", "What is 9 + 9?"))
+    try:
+        changed_data = run_cli("train-grpo", *common, "--group-size", "2", "--steps", "3", "--resume")
+        assert changed_data.exit_code == 2 and "the prompts of --data" in changed_data.output
+    finally:
+        (train_rows / "rows.jsonl").write_text(rows)
+
+
+def test_a_run_stopped_before_its_first_checkpoint_starts_again(tiny_llama, train_rows, tmp_path, monkeypatch):
+    import internal_policy.rl.trainer as trainer
+
+    out = tmp_path / "run"
+    args = ["train-bupo", "--model", tiny_llama, "--data", train_rows / "rows.jsonl", "--reward",
+            f"{train_rows / 'rewards.py'}:fn", "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "4",
+            "--internal-layer", "2", "--internal-steps", "1", "--steps", "2", "--save-every", "2", "--out", out, "-q"]
+    original = trainer.Trainer.train_step
+    monkeypatch.setattr(trainer.Trainer, "train_step", lambda self, step: original(self, step) if step == 1
+                        else (_ for _ in ()).throw(KeyboardInterrupt()))
+    assert run_cli(*args).exit_code == 130
+    assert ip.TrainResult.load(out).internal_layer == 2 and not (out / "checkpoints").exists()  # labelled for what it is
+    refused = run_cli(*args, "--resume")
+    assert refused.exit_code == 2 and "rerun without --resume to start it again" in refused.output
+    monkeypatch.setattr(trainer.Trainer, "train_step", original)
+    again = run_cli(*args)
+    assert again.exit_code == 0, again.output
+    assert list(ip.TrainResult.load(out).metrics["step"]) == [1, 2]
 
 
 def test_configs_keep_auto_until_use_and_refuse_half_a_bupo():
@@ -174,19 +210,20 @@ def test_no_stale_file_survives_a_rerun_or_a_refused_overwrite(tiny_llama, rows_
 
 
 # ---------------------------------------------------------------------------------------------------- 9: figures
-def _fake_run(folder: Path, seed: int, k: int | None, reward: float) -> Path:
+def _fake_run(folder: Path, seed: int, k: int | None, reward: float, lr: float = 1e-5) -> Path:
     folder.mkdir(parents=True)
     steps = [{"step": s, "phase": "internal" if k and s == 1 else "full", "reward_mean": reward, "accuracy": reward,
               "response_len_mean": 3.0, "entropy": 1.0, "internal_entropy": 2.0} for s in (1, 2)]
     (folder / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in steps))
-    config = {"seed": seed, "internal_steps": 1 if k else 0}
+    config = {"seed": seed, "internal_steps": 1 if k else 0, "lr": lr}
     (folder / "run.json").write_text(json.dumps({"config": config, "internal_layer": k}))
     return folder
 
 
 def test_figures_keep_methods_runs_and_results_apart(tiny_llama, rows_file, tmp_path, monkeypatch):
     runs = [_fake_run(tmp_path / "a" / "grpo", 1, None, 0.1), _fake_run(tmp_path / "a" / "k5", 1, 5, 0.2),
-            _fake_run(tmp_path / "a" / "k15", 1, 15, 0.3), _fake_run(tmp_path / "b" / "grpo", 1, None, 0.4)]
+            _fake_run(tmp_path / "a" / "k15", 1, 15, 0.3), _fake_run(tmp_path / "b" / "grpo", 1, None, 0.4),
+            _fake_run(tmp_path / "c" / "grpo", 2, None, 0.5, lr=1e-3)]
     drawn = {}
     original = figures_module.training_curves
     monkeypatch.setattr(figures_module, "training_curves", lambda r: drawn.update(r) or original(r))
@@ -197,8 +234,9 @@ def test_figures_keep_methods_runs_and_results_apart(tiny_llama, rows_file, tmp_
     monkeypatch.setattr(figures_module, "entropy_change",
                         lambda s, b, *a, **k: boundaries.append(b) or original_change(s, b, *a, **k))
     written = ip.figures_from_results([*runs, tmp_path / "one" / "res", tmp_path / "two" / "res"], tmp_path / "fig")
-    assert len(drawn) == 4  # no run overwrote another of the same seed
-    assert {label.split(" seed")[0] for label in drawn} == {"GRPO", "BuPO K=5 S=1", "BuPO K=15 S=1"}
+    assert len(drawn) == 5  # no run overwrote another of the same seed
+    assert {label.split(" seed")[0] for label in drawn} == {"GRPO, lr=1e-05", "GRPO, lr=0.001", "BuPO K=5 S=1",
+                                                             "BuPO K=15 S=1"}  # another learning rate is another method
     names = {p.name for p in written}
     assert {"one-res_entropy_flow.png", "two-res_entropy_flow.png"} <= names
     stored = [ip.EntropyResult.load(tmp_path / n / "res").boundary for n in ("one", "two")]
@@ -244,6 +282,13 @@ def test_a_generated_response_is_analysed_with_its_stop_token(tiny_llama, tmp_pa
     done = complete_samples(tokenizer, samples([{"prompt": "hi"}]), 2, lambda ids, n: [words, words + [eos]])
     assert [(s.response, s.eos) for s in done] == [("hello world", None), ("hello world", tokenizer.eos_token)]
     assert tokenize_sample(tokenizer, done[1]).response_ids == words + [eos]
+    # a response cut inside a multi-byte character: its text re-tokenizes otherwise, the sampled ids are analysed
+    half = tokenizer.convert_tokens_to_ids("Ã")  # the byte 0xC3 alone: decodes to U+FFFD
+    cut = complete_samples(tokenizer, samples([{"prompt": "hi"}]), 1, lambda ids, n: [words + [half]])[0]
+    assert cut.response.endswith("\ufffd") and tokenizer(cut.response, add_special_tokens=False)["input_ids"] != words + [half]
+    assert tokenize_sample(tokenizer, cut).response_ids == words + [half]
+    qwen_like = ip.Sample(id="x", prompt="hi", response=cut.response, response_ids=[1, 2, 3])  # another tokenizer's ids
+    assert tokenize_sample(tokenizer, qwen_like).response_ids == tokenizer(cut.response, add_special_tokens=False)["input_ids"]
 
 
 # ---------------------------------------------------------------------------------------------------- 11: permissions
@@ -284,3 +329,29 @@ def test_eval_extends_with_another_dataset_and_names_the_near_builtin(tiny_llama
         with pytest.raises(ip.IPolicyError, match=meant):
             ip.load_samples(typo)
     assert not list(tmp_path.glob(".e.lock*"))
+
+
+def test_two_models_on_the_command_line_then_overwritten(tiny_llama, tiny_qwen3, rows_file, tmp_path):
+    out = tmp_path / "two"
+    both = run_cli("entropy", "-m", tiny_llama, "-m", tiny_qwen3, "-d", rows_file, "-o", out, "-q")
+    assert both.exit_code == 0 and f"the last one, {tiny_qwen3.name}" in " ".join(both.output.split())
+    (out / "view.html").write_text("a view of the old results")
+    again = run_cli("entropy", "-m", tiny_llama, "-m", tiny_qwen3, "-d", rows_file, "-o", out, "-q", "--overwrite",
+                    "--top-k", "2")
+    assert again.exit_code == 0, again.output
+    assert json.loads((out / "manifest.json").read_text())["checkpoints"][-1]["config"]["top_k"] == 2
+    assert not (out / "view.html").exists()
+    single = run_cli("entropy", "-m", tiny_llama, "-d", rows_file, "-o", out, "-q", "--overwrite")
+    assert single.exit_code == 0 and not (out / "checkpoints").exists() and not (out / "entropy_dynamics.png").exists()
+
+
+def test_eval_refuses_responses_scored_by_reward_code_that_changed(tiny_llama, tmp_path):
+    reward = tmp_path / "reward.py"
+    reward.write_text("def fn(prompt, response, truth):\n    return 0.0\n")
+    options = dict(model=str(tiny_llama), data="add-sub-1:test", n=1, limit=2, max_new_tokens=2,
+                   reward=f"{reward}:fn", out=tmp_path / "e")
+    assert ip.evaluate(**options).summary["avg@1"].iloc[0] == 0.0
+    reward.write_text("def fn(prompt, response, truth):\n    return 1.0\n")
+    with pytest.raises(ip.IPolicyError, match="differs in: reward_code"):
+        ip.evaluate(**options)
+    assert ip.evaluate(**options, overwrite=True).summary["avg@1"].iloc[0] == 1.0

@@ -184,6 +184,9 @@ def test_hostile_text_stays_text(browser, hostile_result):
     assert page.page.locator("#prompt").inner_text() == f"Say {HOSTILE} twice"
     tip = page.hover(labels.index(HOSTILE), 1)
     assert HOSTILE in tip.inner_text()
+    # token text is isolated: a right-to-left override inside a token cannot reorder the numbers around it
+    styles = page.page.eval_on_selector_all("#tip .text, .label", "els => els.map(e => getComputedStyle(e).unicodeBidi)")
+    assert styles and set(styles) == {"isolate"}
     assert page.dialogs == [] and page.page.locator("img").count() == 0
 
 

@@ -219,7 +219,8 @@ def complete_samples(tokenizer, samples: list[Sample], n_per_prompt: int,
         text = tokenizer.decode(ids[:-1] if stopped else ids, skip_special_tokens=True)
         generated.append(Sample(id=f"{sample.id}#{k % n_per_prompt}", prompt=sample.prompt, response=text,
                                 answer=sample.answer, source=sample.source,
-                                eos=tokenizer.convert_ids_to_tokens(ids[-1]) if stopped else None))
+                                eos=tokenizer.convert_ids_to_tokens(ids[-1]) if stopped else None,
+                                response_ids=list(ids[:-1] if stopped else ids)))
     return done + generated
 
 

@@ -22,8 +22,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from ..config import TrainConfig, parse_chat_template_kwargs
-from ..data import TokenizedSample, check_prompt_fits, encode, load_samples, render_prompt
+from ..config import TrainConfig, parse_chat_template_kwargs, reward_code
+from ..data import TokenizedSample, check_prompt_fits, encode, load_samples, render_prompt, samples_digest
 from ..errors import IPolicyError
 from ..io import atomic_write_text
 from ..lens.states import ResponseForward
@@ -89,6 +89,8 @@ class Trainer:
         self.samples = load_samples(config.data, limit=config.limit, seed=config.seed)
         self.reward_fn = load_reward(config.resolved_reward)
         self._check_ground_truths()
+        if resume:
+            self._check_same_run()
         self.loaded = loaded or load_model(config.model, dtype=self._weights_dtype, device=config.device)
         self.tokenizer = self.loaded.tokenizer
         chat = parse_chat_template_kwargs(config.chat_template_kwargs)
@@ -137,20 +139,36 @@ class Trainer:
         return "float32" if self.config.dtype == "auto" else self.config.dtype
 
     def _check_out_folder(self, resume: bool) -> None:
-        if self.folder.is_run() and not resume:
+        """A folder with checkpoints holds a run: continued with `resume`, never overwritten. A folder whose run was
+        stopped before its first checkpoint (its logged steps only) is started again, and `resume` says so."""
+        started = self.folder.is_run()
+        if self.folder.checkpoints() and not resume:
             raise IPolicyError(f"'{self.out}' already holds a training run. Fix: add `resume` to continue it, or choose "
                                "another `out`.")
-        if resume and not self.folder.is_run():
-            raise IPolicyError(f"`resume`: '{self.out}' has no run to resume. Fix: drop `resume` or check `out`.")
-        stored = self.folder.info().get("config")
-        if resume and stored is not None:
-            changed = self.config.changes_from(stored)
-            if changed:
-                listed = ", ".join(f"`{k}` ({stored.get(k)!r} -> {self.config.record()[k]!r})" for k in changed)
-                raise IPolicyError(
-                    f"`resume`: the run in '{self.out}' was trained with other options: {listed}. A resumed run may "
-                    f"change only {', '.join(f'`{k}`' for k in TrainConfig.RESUMABLE_CHANGES)}. Fix: resume with the "
-                    "run's options (run.json), or train into a new `out` (e.g. from its latest checkpoint as `model`).")
+        if resume and not self.folder.checkpoints():
+            why = ("was stopped before its first checkpoint. Fix: rerun without `resume` to start it again (its logged "
+                   "steps are replaced)") if started else "has no run to resume. Fix: drop `resume` or check `out`"
+            raise IPolicyError(f"`resume`: '{self.out}' {why}.")
+
+    def _check_same_run(self) -> None:
+        """`resume` continues the stored run only: the same options (but those a resumed run may change), the same
+        training prompts by content, the same reward code."""
+        info = self.folder.info()
+        stored = info.get("config")
+        if stored is None:
+            return
+        changed = self.config.changes_from(stored)
+        listed = [f"`{k}` ({stored.get(k, 'unset')} -> {self.config.record()[k]})" for k in changed]
+        if info.get("data_digest") not in (None, samples_digest(self.samples)):
+            listed.append(f"the prompts of `data` (the file '{self.config.data}' changed)")
+        if info.get("reward_code") not in (None, reward_code(self.config.resolved_reward)):
+            listed.append(f"the code of `reward` ({self.config.resolved_reward} changed)")
+        if listed:
+            raise IPolicyError(
+                f"`resume`: the run in '{self.out}' was trained otherwise: {', '.join(listed)}. A resumed run may "
+                f"change only {', '.join(f'`{k}`' for k in TrainConfig.RESUMABLE_CHANGES)}. Fix: resume with the "
+                "run's options and files (run.json), or train into a new `out` (e.g. from its latest checkpoint as "
+                "`model`).")
 
     def _check_ground_truths(self) -> None:
         missing = next((s for s in self.samples if s.answer is None), None)
@@ -284,6 +302,13 @@ class Trainer:
         from tqdm.auto import tqdm
 
         rows = []
+        if self.step >= self.config.steps:
+            if self.accelerator.is_main_process:
+                print(f"'{self.out}' is already at step {self.step} (`steps` {self.config.steps}): nothing to train.")
+            return rows
+        if self.accelerator.is_main_process and self.step == 0:
+            self.folder.metrics_path.unlink(missing_ok=True)  # a run stopped before its first checkpoint starts again
+            self._write_info()  # from the start, so that a stopped run is labelled for what it is
         bar = tqdm(range(self.step + 1, self.config.steps + 1), initial=self.step, total=self.config.steps,
                    desc="training", unit="step", disable=not progress or not self.accelerator.is_main_process)
         for step in bar:
@@ -304,13 +329,19 @@ class Trainer:
         """checkpoints/step-N (weights, tokenizer, trainer state) and run.json."""
         path = save_checkpoint(self.folder, step, self.model, self.tokenizer, self.optimizer,
                                {"internal_layer": self.internal_layer})
+        self._write_info()
+        return path
+
+    def _write_info(self) -> None:
+        """run.json: the base model, the options, the reward as resolved, the internal layer, and digests of the
+        training prompts and the reward code (a resumed run must have the same)."""
         base = Path(self.config.model)
         base_model = str(base.resolve()) if base.exists() else self.config.model  # a run folder can move; a path cannot
         reward = self.config.resolved_reward
         self.folder.write_info({"base_model": base_model, "config": self.config.record(),
                                 "reward": reward if isinstance(reward, str) else self.config.record()["reward"],
-                                "internal_layer": self.internal_layer})
-        return path
+                                "internal_layer": self.internal_layer, "data_digest": samples_digest(self.samples),
+                                "reward_code": reward_code(reward)})
 
     def _append_metrics(self, metrics: dict) -> None:
         path = self.folder.metrics_path
