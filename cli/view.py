@@ -12,7 +12,8 @@ from rich.console import Console
 def view(
     result: Path = typer.Argument(..., metavar="RESULT", help="A results folder of `ipolicy entropy` (one model, or "
                                   "across checkpoints)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="The HTML file to write (default: RESULT/view.html)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="The HTML file to write, or a folder for "
+                                  "view.html (default: RESULT/view.html)."),
     samples: Optional[int] = typer.Option(None, "--samples", help="How many samples the page holds, the first ones "
                                           "(default: 8; across checkpoints, 8 sample-checkpoints)."),
 ):
@@ -23,6 +24,8 @@ def view(
     from internal_policy.runs import folder_lock
 
     out = out or result / "view.html"
+    if out.is_dir():
+        out = out / "view.html"
     loaded = ip.EntropyResult.load(result)
     if out.resolve().parent == result.resolve():  # into the results folder: as its one writer
         with folder_lock(result):

@@ -489,7 +489,7 @@ def checkpoint_series(spec: str, base_model: str | None = None, revisions: str |
     if not path.is_dir():
         return CheckpointSeries("model", [Checkpoint(_number_of_checkpoint(path) or 0, path.name if path.exists() else spec,
                                                      spec, source=spec)])
-    if _is_model(path):
+    if _is_model(path) and not any(re.fullmatch(r"checkpoint-\d+", p.name) and _is_model(p) for p in path.iterdir()):
         step = _number_of_checkpoint(path)
         label = (f"{path.parent.parent.name}-{path.name}" if path.parent.name == "checkpoints" and step is not None
                  else path.name)
@@ -497,20 +497,40 @@ def checkpoint_series(spec: str, base_model: str | None = None, revisions: str |
                                                      source=spec)])
     if (path / "run.json").is_file() or (path / "checkpoints").is_dir():
         return _ipolicy_run(path)
+    # a trainer's output folder may also hold the final model (trainer.save_model()): its checkpoint-N/ are the series
     children = sorted(p for p in path.iterdir() if p.is_dir())
     if any(re.fullmatch(r"global_step_\d+", p.name) for p in children):
         return _verl(path, children, base_model)
     numbered = [p for p in children if _is_model(p) and _number(p.name) is not None]
     if numbered:
         layout = "trainer-output" if all(re.fullmatch(r"checkpoint-\d+", p.name) for p in numbered) else "numbered-folders"
+        shapes = {p.name: _shape(p) for p in numbered}
+        if len(set(shapes.values())) > 1:
+            listed = ", ".join(f"{name} ({shape[0]}, {shape[1]} layers)" for name, shape in shapes.items())
+            raise IPolicyError(f"'{spec}' holds model folders of different architectures ({listed}), not the "
+                               "checkpoints of one run. Fix: pass the models one by one (--model A --model B).")
         checkpoints = [Checkpoint(_number(p.name), f"{path.name}-{p.name}", str(p), base_model=_adapter_base(p, base_model),
                                   source=str(p)) for p in numbered]
         base = base_model or next((c.base_model for c in checkpoints if c.base_model), None)
         first = [Checkpoint(0, f"{path.name}-base", base, source="base model")] if base else []
         return CheckpointSeries(layout, first + sorted(checkpoints, key=lambda c: c.step))
+    experiments = [p.name for p in children if any(re.fullmatch(r"global_step_\d+", q.name) for q in p.iterdir())]
+    if experiments:
+        raise IPolicyError(f"'{spec}' is a verl project folder: it holds the experiments {', '.join(experiments)}. Fix: "
+                           f"pass one experiment, e.g. '{path / experiments[0]}'.")
     raise IPolicyError(f"'{spec}' is a folder but neither a model (no config.json or adapter_config.json) nor a series "
                        "of checkpoints (an ipolicy run, checkpoint-N/, global_step_N/, or model folders with a step "
                        "number in their names). Fix: point at a model folder or a run's output folder.")
+
+
+def _shape(folder: Path) -> tuple:
+    """What checkpoints of one run share: architecture, depth, width and vocabulary (an adapter: its base model)."""
+    if (folder / "adapter_config.json").is_file():
+        return ("adapter of " + str(json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")), "-")
+    config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+    config = config.get("text_config", config)
+    return (config.get("model_type", "?"), config.get("num_hidden_layers", config.get("n_layer", "?")),
+            config.get("hidden_size", config.get("n_embd")), config.get("vocab_size"))
 
 
 def _number_of_checkpoint(path: Path) -> int | None:

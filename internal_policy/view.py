@@ -44,19 +44,25 @@ class ViewPage:
                 'border: 1px solid #ddd" sandbox="allow-scripts"></iframe>')
 
     def save(self, path: str | Path) -> Path:
-        atomic_write_text(Path(path), self.html)
-        return Path(path)
+        """Write the page to ``path`` (a folder: ``path/view.html``); returns the file written."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "view.html"
+        elif not path.parent.is_dir():
+            raise IPolicyError(f"`out`: the folder '{path.parent}' does not exist. Fix: create it, or give another path.")
+        atomic_write_text(path, self.html)
+        return path
 
 
 def write_view(result, out: str | Path | None = None, samples: int | None = None) -> Path | ViewPage:
-    """The view of ``result`` (an ``EntropyResult``): written to ``out`` (returns its path), or a ``ViewPage``.
+    """The view of ``result`` (an ``EntropyResult``): written to ``out`` (a file, or a folder for ``view.html`` in it;
+    returns the file's path), or a ``ViewPage``.
     ``samples``: how many samples it holds, the first ones (default: 8, or 8 sample-checkpoints across
     checkpoints)."""
     page = render(view_data(result, samples))
     if out is None:
         return ViewPage(page)
-    atomic_write_text(Path(out), page)
-    return Path(out)
+    return ViewPage(page).save(out)
 
 
 def view_data(result, samples: int | None = None) -> dict:

@@ -92,6 +92,16 @@ def test_a_trl_run_with_full_weights_is_a_series(trl_full, rows_file, tmp_path):
     assert figures.exit_code == 0 and (tmp_path / "fig" / "training_curves.png").is_file()
 
 
+def test_a_trl_output_folder_that_also_holds_the_final_model_is_still_a_series(trl_full, tmp_path):
+    out = tmp_path / "output"
+    shutil.copytree(trl_full, out)
+    for file in (out / "checkpoint-2").glob("*.json"):  # trainer.save_model(output_dir) after training
+        shutil.copy(file, out / file.name)
+    shutil.copy(out / "checkpoint-2" / "model.safetensors", out / "model.safetensors")
+    series = checkpoint_series(str(out))
+    assert series.layout == "trainer-output" and [c.step for c in series.checkpoints] == [1, 2]
+
+
 def test_a_lora_run_loads_through_peft_and_equals_the_merged_model(trl_lora, tiny_llama, rows_file, tmp_path):
     pytest.importorskip("peft")
     from peft import PeftModel
@@ -165,6 +175,8 @@ def test_a_verl_experiment_is_a_series_and_shards_alone_are_refused_with_the_mer
     assert "python -m verl.model_merger merge --backend fsdp --local_dir" in line and not (tmp_path / "x").exists()
     figures = run_cli("figures", experiment, "-o", tmp_path / "fig")
     assert figures.exit_code == 2 and "ipolicy entropy --run" in " ".join(figures.output.split())
+    project = run_cli("entropy", "--run", experiment.parent, "-d", rows_file, "-o", tmp_path / "y", "-q")
+    assert project.exit_code == 2 and "verl project folder" in project.output and "experiment" in project.output
 
 
 def test_hub_revisions_are_checkpoints_in_step_order(tiny_llama, tmp_path, monkeypatch):
@@ -192,10 +204,13 @@ def test_hub_revisions_are_checkpoints_in_step_order(tiny_llama, tmp_path, monke
 def test_a_folder_of_numbered_model_folders_is_a_series(tiny_llama, tiny_qwen3, rows_file, tmp_path):
     root = tmp_path / "ckpts"
     shutil.copytree(tiny_llama, root / "iter_0100")
-    shutil.copytree(tiny_qwen3, root / "iter_0050")
+    shutil.copytree(tiny_llama, root / "iter_0050")
     (root / "notes").mkdir()
     series = checkpoint_series(str(root))
     assert series.layout == "numbered-folders" and [c.step for c in series.checkpoints] == [50, 100]
+    shutil.copytree(tiny_qwen3, root / "qwen3-0.6b")  # a folder of different models is not a run
+    refused = run_cli("entropy", "--run", root, "-d", rows_file, "-o", tmp_path / "x", "-q")
+    assert refused.exit_code == 2 and "different architectures" in refused.output and "--model A" in refused.output
 
 
 def test_nothing_in_a_run_folder_is_unpickled(trl_full, tiny_llama, rows_file, tmp_path):

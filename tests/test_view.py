@@ -211,3 +211,13 @@ def test_the_checkpoint_selector_shows_each_checkpoints_predictions(browser, tin
         stored = result.tokens.query("sample_index == 0 and layer == 4 and module == 'layer' and checkpoint == @label")
         assert np.float32(shown[-1]) == np.float32(stored.sort_values("position")["entropy_out"].iloc[1])
     assert shown[0] != shown[1]  # each checkpoint's own entropies
+
+
+def test_view_out_takes_a_folder_and_names_a_missing_one(hostile_result, tmp_path):
+    result, _ = hostile_result
+    folder = tmp_path / "pages"
+    folder.mkdir()
+    written = run_cli("view", result.out, "--out", folder)
+    assert written.exit_code == 0 and (folder / "view.html").read_text().startswith("<!DOCTYPE html>")
+    missing = run_cli("view", result.out, "--out", tmp_path / "no" / "page.html")
+    assert missing.exit_code != 0 and "does not exist" in missing.output and not (tmp_path / "no").exists()
