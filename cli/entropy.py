@@ -58,7 +58,8 @@ def run_line(manifest: dict) -> str:
     if analysed == 0:
         return f"{done}: all were analysed by an earlier run in this folder, and the results are rebuilt from what it saved."
     resumed = f", {n_tokens - analysed} of them resumed from an earlier run" if analysed < n_tokens else ""
-    return f"{done}{resumed} ({timings['tokens_per_second']:.1f} tokens/s analysed)."
+    return (f"{done}{resumed} (the analysis itself: {analysed} tokens in {timings['analyse_s']:.1f} s, "
+            f"{timings['tokens_per_second']:.1f} tokens/s).")
 
 
 def print_summary(summary, boundary: int | None, tolerance: float) -> None:

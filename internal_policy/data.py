@@ -24,6 +24,7 @@ from typing import Any
 
 from .config import BUILTIN_ARITHMETIC
 from .errors import IPolicyError
+from .io import json_lines
 
 # Shipped math benchmarks in the verl layout (origin and licence: datasets/README.md), selected by name.
 BUILTIN_DATASETS = {
@@ -213,8 +214,8 @@ def _read_rows(spec: str) -> list[dict[str, Any]]:
             if path.suffix == ".json":
                 rows = json.loads(text)
                 return rows if isinstance(rows, list) else [rows]
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
-        except json.JSONDecodeError as error:
+            return json_lines(text)
+        except ValueError as error:
             raise IPolicyError(f"'{spec}' is not valid JSON lines ({error}). Fix: one JSON object per line.") from error
     _refuse_near_misses(spec)
     name, _, split = spec.partition(":")
@@ -349,7 +350,7 @@ def write_jsonl(path: Path, samples: list[Sample]) -> None:
 
 
 def read_jsonl_samples(path: Path) -> list[Sample]:
-    return [Sample(**json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+    return [Sample(**row) for row in json_lines(path.read_text())]
 
 
 def samples_digest(samples: list[Sample]) -> str:

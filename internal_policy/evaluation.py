@@ -12,6 +12,7 @@ import pandas as pd
 from .config import EvalConfig, default_reward, parse_chat_template_kwargs
 from .data import encode, load_samples, render_prompt, samples_digest
 from .errors import IPolicyError
+from .io import json_lines
 from .models import load_model, model_files, model_identity
 from .rl.generation import SamplingConfig, sample_responses, sample_responses_vllm
 from .rl.rewards import load_reward, score
@@ -54,8 +55,8 @@ class EvalResult:
         if not (out / "summary.json").is_file():
             raise IPolicyError(f"'{out}' holds no finished evaluation (no summary.json). Fix: evaluate into it (`ipolicy eval --out`, or `out` of evaluate), or check the path.")
         manifest = json.loads((out / "summary.json").read_text())
-        responses = pd.DataFrame([json.loads(line) for path in sorted((out / "responses").glob("*.jsonl"))
-                                  for line in path.read_text().splitlines() if line.strip()])
+        responses = pd.DataFrame([row for path in sorted((out / "responses").glob("*.jsonl"))
+                                  for row in json_lines(path.read_text())])
         return cls(pd.read_csv(out / "summary.csv"), pd.read_csv(out / "problems.csv"), manifest.get("config", {}),
                    responses, out)
 
@@ -123,7 +124,7 @@ def _evaluate(config: EvalConfig, folder: EvalFolder | None, progress: bool) -> 
         todo = [name for name in data if not (reuse and paths[name].is_file())]
         for name in data:
             if name not in todo:  # done by an earlier run into this folder: not even loaded
-                stored[label, name] = [json.loads(line) for line in paths[name].read_text().splitlines() if line.strip()]
+                stored[label, name] = json_lines(paths[name].read_text())
         if not todo:
             continue
         if config.rollouts == "vllm":  # vLLM loads the weights itself; only the tokenizer is needed here

@@ -18,7 +18,7 @@ import seaborn as sns
 
 from .errors import IPolicyError
 from .io import atomic_path
-from .runs import RunFolder, folder_lock, trainer_metrics
+from .runs import RunFolder, check_output_folder, folder_lock, trainer_metrics
 from .stats import boundary_layer
 
 PALETTE = {"layer input": "#4C72B0", "attention output": "#DD8452", "FFN output": "#55A868", "layer output": "#C44E52"}
@@ -96,25 +96,49 @@ def _tick_step(n: int, most: int = 12) -> int:
     return max(1, -(-n // most))
 
 
+def _layer_grid(summary: pd.DataFrame, module: str) -> tuple[pd.DataFrame, str]:
+    """[layer x checkpoint] mean output entropy of ``module``, and the x axis' name: columns are training steps, or,
+    where models share a step (different models compared, each at step 0), the models' labels in their order, so
+    that no two models are ever averaged into one column."""
+    part = summary[summary["module"] == module]
+    if "checkpoint" in part and part.groupby("step")["checkpoint"].nunique().max() > 1:
+        order = list(dict.fromkeys(part["checkpoint"]))
+        grid = part.pivot_table(index="layer", columns="checkpoint", values="entropy_out_mean")[order]
+        return grid, "model"
+    return part.pivot_table(index="layer", columns="step", values="entropy_out_mean"), "training step"
+
+
+def last_model(summary: pd.DataFrame) -> tuple[pd.DataFrame, str | None]:
+    """The rows of the last model of an across-checkpoint summary (the last label, in the order analysed) and that
+    label; a single model's summary as it is, and None."""
+    if "checkpoint" not in summary:
+        return summary, None
+    label = summary["checkpoint"].iloc[-1]
+    return summary[summary["checkpoint"] == label], label
+
+
 @_styled
 def entropy_dynamics(summary: pd.DataFrame, module: str = "layer"):
     """Entropy of each layer's output policy across checkpoints: a layer x step heatmap and one line per layer."""
-    part = summary[summary["module"] == module]
-    grid = part.pivot_table(index="layer", columns="step", values="entropy_out_mean")
+    grid, axis = _layer_grid(summary, module)
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [1.1, 1]})
     sns.heatmap(grid, ax=left, cmap="viridis", cbar_kws={"label": "mean entropy H(h_l) (nats)"},
                 yticklabels=_tick_step(len(grid.index)), xticklabels=_tick_step(len(grid.columns)))
     left.invert_yaxis()
-    left.set_xlabel("training step")
+    left.set_xlabel(axis)
     left.set_ylabel("layer l")
-    left.set_title("Layer policy entropy across checkpoints")
+    left.set_title("Layer policy entropy across checkpoints" if axis == "training step" else "Layer policy entropy per model")
     palette = sns.color_palette("viridis", n_colors=len(grid.index))
+    x = list(grid.columns) if axis == "training step" else list(range(len(grid.columns)))
     for color, (layer, values) in zip(palette, grid.iterrows()):
-        right.plot(grid.columns, values.values, marker="o", markersize=3, color=color, linewidth=1.2, label=f"layer {layer}")
-    right.set_xlabel("training step")
+        right.plot(x, values.values, marker="o", markersize=3, color=color, linewidth=1.2, label=f"layer {layer}")
+    right.set_xlabel(axis)
     right.set_ylabel("mean entropy (nats)")
     right.set_title("One line per layer")
-    right.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if axis == "training step":
+        right.xaxis.set_major_locator(MaxNLocator(integer=True))
+    else:
+        right.set_xticks(x, list(grid.columns), rotation=30, ha="right", fontsize=8)
     if len(grid.index) <= 12:
         right.legend(fontsize=7, ncol=2)
     fig.tight_layout()
@@ -125,8 +149,9 @@ def entropy_dynamics(summary: pd.DataFrame, module: str = "layer"):
 def entropy_dynamics_side_by_side(summaries: dict[str, pd.DataFrame], module: str = "layer"):
     """Fig. 7's comparison: one layer x step heatmap of the layer policies' mean entropy per result (e.g. GRPO and
     BuPO), on one colour scale, so that equal colours are equal entropies."""
-    grids = {label: s[s["module"] == module].pivot_table(index="layer", columns="step", values="entropy_out_mean")
-             for label, s in summaries.items()}
+    grids = {label: _layer_grid(s, module) for label, s in summaries.items()}
+    axes_names = {label: axis for label, (_, axis) in grids.items()}
+    grids = {label: grid for label, (grid, _) in grids.items()}
     low = min(float(g.min().min()) for g in grids.values())
     high = max(float(g.max().max()) for g in grids.values())
     fig, axes = plt.subplots(1, len(grids), figsize=(5.2 * len(grids), 4.2), squeeze=False)
@@ -135,7 +160,7 @@ def entropy_dynamics_side_by_side(summaries: dict[str, pd.DataFrame], module: st
                     cbar_kws={"label": "mean entropy H(h_l) (nats)"}, yticklabels=_tick_step(len(grid.index)),
                     xticklabels=_tick_step(len(grid.columns)))
         ax.invert_yaxis()
-        ax.set(xlabel="training step", ylabel="layer l" if i == 0 else "", title=label)
+        ax.set(xlabel=axes_names[label], ylabel="layer l" if i == 0 else "", title=label)
     fig.suptitle("Layer policy entropy across checkpoints (one colour scale)", y=1.02)
     fig.tight_layout()
     return fig
@@ -259,8 +284,22 @@ def figures_from_results(results: list[Path], out: Path, formats: tuple[str, ...
     (summary.csv; with a step column, across checkpoints; refinement.csv), a training run (metrics.jsonl), or an
     evaluation (problems.csv). Training runs are drawn together, labelled GRPO/BuPO and seed; several
     across-checkpoint results also side by side; the layer of a refinement, across checkpoints, per result."""
+    check_output_folder(out)
+    for folder in map(Path, results):  # before anything is written
+        if not folder.is_dir():
+            raise IPolicyError(f"'{folder}' does not exist or is not a folder. Fix: check the path.")
+        if not _recognised(folder):
+            raise IPolicyError(f"'{folder}' holds no results ipolicy knows (summary.csv, metrics.jsonl or problems.csv). "
+                               "Fix: pass result folders.")
     with folder_lock(out):
         return _figures_from_results(results, Path(out), formats)
+
+
+def _recognised(folder: Path) -> bool:
+    """Whether ``folder`` is something figures draws (or names the fix for: a verl run)."""
+    return ((folder / "summary.csv").is_file() or RunFolder(folder).metrics_path.is_file()
+            or trainer_metrics(folder) is not None or any(folder.glob("global_step_*/actor"))
+            or (folder / "problems.csv").is_file())
 
 
 def _figure_names(results: list[Path]) -> dict[Path, str]:
@@ -330,10 +369,12 @@ def _figures_from_results(results: list[Path], out: Path, formats: tuple[str, ..
             if "step" in summary:
                 dynamics[name] = summary
                 written += save_figure(entropy_dynamics(summary), out / f"{name}_entropy_dynamics", formats)
-                summary = summary[summary["step"] == summary["step"].max()]
+            summary, label = last_model(summary)
+            which = f" (the last model: {label})" if label else ""
             boundary = boundary_layer(summary, _boundary_tolerance(folder))
-            written += save_figure(entropy_flow(summary, f"{name}: internal policy entropy", norm), out / f"{name}_entropy_flow", formats)
-            written += save_figure(entropy_change(summary, boundary, f"{name}: module entropy change", norm),
+            written += save_figure(entropy_flow(summary, f"{name}: internal policy entropy{which}", norm),
+                                   out / f"{name}_entropy_flow", formats)
+            written += save_figure(entropy_change(summary, boundary, f"{name}: module entropy change{which}", norm),
                                    out / f"{name}_entropy_change", formats)
             if (folder / "refinement.csv").is_file():
                 refinement = pd.read_csv(folder / "refinement.csv")

@@ -67,3 +67,17 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def json_lines(text: str) -> list[Any]:
+    """The JSON values of JSON-lines ``text``, one per line. Lines end at "\\n" only: a JSON string may hold U+2028,
+    U+2029 or U+0085 unescaped (ipolicy writes text with ensure_ascii=False), which ``str.splitlines`` would split.
+    A bad line raises ``ValueError`` naming its number."""
+    values = []
+    for number, line in enumerate(text.split("\n"), start=1):
+        if line.strip():
+            try:
+                values.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise ValueError(f"line {number}: {error}") from None
+    return values

@@ -107,6 +107,20 @@ def folder_lock(out: str | Path):
         lock.release()
 
 
+def _refuse_model_or_run(out: Path) -> None:
+    """Results never go into a model or a training run's folder, where overwriting or tidying would delete weights."""
+    if not out.is_dir():
+        return
+    what = ("a model folder" if _is_model(out) else
+            "a training run's folder" if (out / "run.json").is_file() or (out / "metrics.jsonl").is_file()
+            or any((out / "checkpoints").glob("step-*/config.json")) else
+            "a trainer's output folder" if any(out.glob("checkpoint-*/config.json")) or any(out.glob("global_step_*"))
+            else None)
+    if what:
+        raise IPolicyError(f"`out` '{out}' is {what}; results written there could replace its files. Fix: choose "
+                           "another `out` (e.g. a subfolder of runs/).")
+
+
 class ResultsFolder:
     """An output folder whose results are fingerprinted (everything that changes the numbers): a rerun with the same
     fingerprint resumes, a different one is refused unless ``overwrite``.
@@ -120,6 +134,7 @@ class ResultsFolder:
 
     def __init__(self, out: Path, fingerprint: dict, overwrite: bool = False):
         self.out = Path(out)
+        _refuse_model_or_run(self.out)
         self.partial = self.out / ".partial"
         self.manifest = self.out / self.manifest_name
         self.fingerprint = json.loads(json.dumps(fingerprint, default=str))
@@ -161,6 +176,15 @@ class ResultsFolder:
         for name in names:
             for path in self.out.glob(name):
                 shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+
+    def unchanged(self, manifest: dict) -> bool:
+        """Whether a finished run's results are those the folder already held (a rerun that found everything done):
+        then a view made of them stays."""
+        if not self.manifest.is_file():
+            return False
+        old, new = json.loads(self.manifest.read_text()), {**manifest, "fingerprint": self.fingerprint}
+        return all(old.get(key) == json.loads(json.dumps(new.get(key), default=str))
+                   for key in ("fingerprint", "models", "n_samples", "n_tokens"))
 
     def write_manifest(self, manifest: dict) -> None:
         """Record the finished run (with its fingerprint) and drop the in-progress state."""
@@ -282,7 +306,9 @@ class EntropyFolder(ResultsFolder):
             atomic_write(self.out / "vocabulary.parquet", lambda tmp: vocabulary.to_parquet(tmp, index=False))
         else:  # an earlier run's, with `top_k`
             self.remove("predictions.parquet", "vocabulary.parquet")
-        self.remove("view.html", "checkpoints", "entropy_dynamics.png")  # of the results as they were, or a comparison's
+        self.remove("checkpoints", "entropy_dynamics.png")  # a comparison's, which this folder held before
+        if not self.unchanged(manifest):
+            self.remove("view.html")  # a view of the results as they were
         self.write_manifest(manifest)
 
 
@@ -306,9 +332,14 @@ class ComparisonFolder(ResultsFolder):
         """The entropy folder of the model labelled ``label`` (made safe for a file name)."""
         return self.out / "checkpoints" / re.sub(r"[^A-Za-z0-9._@#-]+", "_", label)
 
+    def _model_folders(self) -> list[Path]:
+        """The entropy folders under checkpoints/ (finished or in progress); nothing else there is ever removed."""
+        return [p for p in (self.out / "checkpoints").glob("*")
+                if (p / "manifest.json").is_file() or (p / ".partial").is_dir()]
+
     def start(self) -> None:
         if self.overwrite:  # the previous run's outputs, not this run's model folders
-            stale = [p for p in (self.out / "checkpoints").glob("*") if p.name not in self.keep]
+            stale = [p for p in self._model_folders() if p.name not in self.keep]
             for path in [*(self.out / n for n in self.outputs if n != "checkpoints"), *stale]:
                 shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
             shutil.rmtree(self.partial, ignore_errors=True)
@@ -331,9 +362,11 @@ class ComparisonFolder(ResultsFolder):
         else:
             self.remove("refinement.csv")
         keep = {Path(f).name for f in model_folders}
-        self.remove(*(p.relative_to(self.out).as_posix() for p in (self.out / "checkpoints").glob("*") if p.name not in keep))
-        self.remove("predictions.parquet", "vocabulary.parquet", "entropy_flow.png", "entropy_change.png",
-                    "view.html")  # a single model's outputs, or a view of the comparison as it was
+        self.remove(*(p.relative_to(self.out).as_posix() for p in self._model_folders() if p.name not in keep))
+        self.remove("predictions.parquet", "vocabulary.parquet", "entropy_flow.png",
+                    "entropy_change.png")  # a single model's outputs, which this folder held before
+        if not self.unchanged(manifest):
+            self.remove("view.html")  # a view of the comparison as it was
         self.write_manifest(manifest)
 
 

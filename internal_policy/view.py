@@ -48,6 +48,9 @@ class ViewPage:
         path = Path(path)
         if path.is_dir():
             path = path / "view.html"
+        elif path.suffix.lower() not in (".html", ".htm"):
+            raise IPolicyError(f"`out` '{path}' is not an .html file; the view would replace it. Fix: give a name "
+                               "ending in .html, or a folder.")
         elif not path.parent.is_dir():
             raise IPolicyError(f"`out`: the folder '{path.parent}' does not exist. Fix: create it, or give another path.")
         atomic_write_text(path, self.html)

@@ -95,8 +95,8 @@ def test_figures_command(across_checkpoints, bupo_run, tiny_llama, rows_file, tm
     bad = run_cli("figures", tmp_path / "nothing", "--out", out)
     assert bad.exit_code == 2 and "does not exist" in bad.output
     (tmp_path / "empty").mkdir()
-    bad = run_cli("figures", tmp_path / "empty", "--out", out)
-    assert bad.exit_code == 2 and "holds no results" in bad.output
+    bad = run_cli("figures", across_checkpoints, tmp_path / "empty", "--out", tmp_path / "new" / "figures")
+    assert bad.exit_code == 2 and "holds no results" in bad.output and not (tmp_path / "new").exists()  # nothing written
 
 
 def test_dynamics_figures_draw_the_measured_values(across_checkpoints):

@@ -355,3 +355,54 @@ def test_eval_refuses_responses_scored_by_reward_code_that_changed(tiny_llama, t
     with pytest.raises(ip.IPolicyError, match="differs in: reward_code"):
         ip.evaluate(**options)
     assert ip.evaluate(**options, overwrite=True).summary["avg@1"].iloc[0] == 1.0
+
+
+def test_results_never_go_into_a_training_run_and_a_same_rerun_keeps_the_view(tiny_llama, train_rows, rows_file,
+                                                                               tmp_path):
+    run = tmp_path / "run"
+    assert run_cli("train-grpo", "--model", tiny_llama, "--data", train_rows / "rows.jsonl", "--reward",
+                   f"{train_rows / 'rewards.py'}:fn", "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens",
+                   "4", "--steps", "1", "--out", run, "-q").exit_code == 0
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    into_run = run_cli("entropy", "--run", run, "-d", rows_file, "-o", run, "-q", "--overwrite")
+    assert into_run.exit_code == 2 and "training run's folder" in into_run.output
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before  # nothing removed
+    into_model = run_cli("entropy", "-m", tiny_llama, "-d", rows_file, "-o", tiny_llama, "-q")
+    assert into_model.exit_code == 2 and "a model folder" in into_model.output
+    out = tmp_path / "result"
+    assert run_cli("entropy", "-m", tiny_llama, "-d", rows_file, "-o", out, "-q").exit_code == 0
+    assert run_cli("view", out).exit_code == 0
+    assert run_cli("entropy", "-m", tiny_llama, "-d", rows_file, "-o", out, "-q").exit_code == 0
+    assert (out / "view.html").is_file()  # the same results: the view of them stays
+
+
+def test_text_with_line_separators_reads_back(tiny_llama, tmp_path):
+    """U+2028, U+2029 and U+0085 inside a JSON string (written unescaped) are not line ends."""
+    data = tmp_path / "rows.jsonl"
+    text = "first\u2028second\u2029third\x85fourth"
+    data.write_text(json.dumps({"prompt": "say " + text, "response": "ok " + text}, ensure_ascii=False) + "\n"
+                    + json.dumps(ROWS[0]) + "\n")
+    out = tmp_path / "out"
+    result = ip.analyse(model=str(tiny_llama), data=str(data), out=out)
+    again = ip.analyse(model=str(tiny_llama), data=str(data), out=out)  # resumes: reads samples.jsonl back
+    assert ip.EntropyResult.load(out).samples[0].response == "ok " + text == again.samples[0].response
+    assert result.manifest["n_samples"] == 2
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(ROWS[0]) + "\nnot json\n")
+    with pytest.raises(ip.IPolicyError, match="line 2"):
+        ip.analyse(model=str(tiny_llama), data=str(bad))
+
+
+def test_models_compared_at_one_step_are_drawn_apart():
+    """Two different models (each at step 0) are two columns of the dynamics figure, never their average; the flow
+    figure of a comparison draws the last model."""
+    rows = [{"checkpoint": name, "step": 0, "layer": layer, "module": module, "entropy_in_mean": 3.0,
+             "entropy_out_mean": value + layer, "delta_mean": -1.0, "delta_q25": -1.5, "delta_q75": -0.5}
+            for name, value in (("model-a", 1.0), ("model-b", 5.0)) for layer in (1, 2)
+            for module in ("layer", "attn", "ffn")]
+    summary = pd.DataFrame(rows)
+    fig = figures_module.entropy_dynamics(summary)
+    lines = next(ax for ax in fig.axes if ax.get_title() == "One line per layer").lines
+    assert [list(line.get_ydata()) for line in lines] == [[2.0, 6.0], [3.0, 7.0]]  # layer 1, layer 2: a then b
+    last, label = figures_module.last_model(summary)
+    assert label == "model-b" and set(last["entropy_out_mean"]) == {6.0, 7.0}

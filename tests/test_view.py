@@ -221,3 +221,5 @@ def test_view_out_takes_a_folder_and_names_a_missing_one(hostile_result, tmp_pat
     assert written.exit_code == 0 and (folder / "view.html").read_text().startswith("<!DOCTYPE html>")
     missing = run_cli("view", result.out, "--out", tmp_path / "no" / "page.html")
     assert missing.exit_code != 0 and "does not exist" in missing.output and not (tmp_path / "no").exists()
+    onto = run_cli("view", result.out, "--out", result.out / "tokens.parquet")
+    assert onto.exit_code == 2 and ".html" in onto.output and ip.EntropyResult.load(result.out).tokens is not None

@@ -356,7 +356,7 @@ class Trainer:
         """On resume: the steps logged after the restored checkpoint will be redone, so their lines go."""
         path = self.folder.metrics_path
         if path.is_file():
-            kept = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= self.step]
+            kept = [l for l in path.read_text().split("\n") if l.strip() and json.loads(l)["step"] <= self.step]
             atomic_write_text(path, "".join(l + "\n" for l in kept))
 
     def _loggers(self) -> list:
