@@ -17,6 +17,19 @@ held-out problems (n = 4, 32 tokens).
 * dynamics: GRPO and BuPO (K = 5, S = 2), seed 1, a checkpoint every step; internal policy entropy of every
            checkpoint on 16 held-out prompts (responses of the base model), with the refinement of layer 5.
 
+* paper-ratio: the paper's budget ratio on a task neither method saturates (``add-sub-2x1``, held-out split of 379
+           problems, the first 100 evaluated): GRPO, BuPO K = 5 and K = 15 with S = 3 of T = 30 steps, two
+           mini-batches a step, ``--seeds`` seeds; every final checkpoint (and GRPO's step 27, the control with BuPO's
+           full-policy budget) evaluated with n = 64 responses a problem: Avg@64 and pass@{1,4,16,64}. Each finished
+           evaluation and run's metrics are kept in figures/data/paper-ratio/ (tracked), so the stage resumes on
+           another machine without the checkpoints. Cost measured here (2-core CPU, shared with other work, so upper
+           bounds): 40 min for a 30-step run (2428 s of steps; 41-59 s a step while the CPU was free) and 32 min
+           for an evaluation (6400 responses); a seed is 3 runs and 4 evaluations.
+* paper-ratio-summary: experiments.json's ``paper_ratio`` from the kept evaluations alone (the complete seeds; while
+           none is, every finished evaluation's means).
+* paper-ratio-dynamics: seed 1 of each method, a checkpoint every 3 steps: internal policy entropy of every checkpoint
+           in both norm modes, the refinement of the internal layer, and the figures (figures/paper-ratio/).
+
 A finished run keeps its checkpoints' weights but not their optimizer state (``trainer_state.safetensors``, twice the
 model's size, only needed to resume training): 12 GB instead of 60 for the whole set.
 
@@ -234,17 +247,20 @@ def paper_ratio_summary(seeds: int) -> dict:
     control = c["steps"] - c["internal_steps"]
     names = [*paper_ratio_methods(), f"grpo-{control}"]
     done = [s for s in range(1, seeds + 1) if all((KEPT / f"{n}-seed{s}" / "problems.csv").is_file() for n in names)]
-    if not done or not (KEPT / "base" / "problems.csv").is_file():
-        raise SystemExit(f"paper-ratio: no complete seed kept in {KEPT} yet. Fix: run --stage paper-ratio.")
-    base = read_kept("base")
     metrics = ["accuracy", *(f"pass@{k}" for k in c["ks"])]
     rename = {"accuracy": f"avg@{c['n']}"}
+    kept = {p.parent.name: {rename.get(m, m): float(v) for m, v in read_kept(p.parent.name)[metrics].mean().items()}
+            for p in sorted(KEPT.glob("*/problems.csv"))}
+    if not done or "base" not in kept:  # in progress: every finished evaluation, one mean each, no comparison yet
+        return {"task": c["task"], "T": c["steps"], "S": c["internal_steps"], "K": list(c["layers"]), "n": c["n"],
+                "seeds": 0, "seeds_planned": seeds, "complete": False, "evaluated": kept}
+    base = read_kept("base")
     seconds = {f"{n}-seed{s}": float(pd.read_json(KEPT / f"{n}-seed{s}" / "metrics.jsonl", lines=True)["step_seconds"].sum())
                for n in paper_ratio_methods() for s in done}
     result = {"task": c["task"], "held_out_problems": len(base), "T": c["steps"], "S": c["internal_steps"],
               "K": list(c["layers"]), "mini_batches": RECIPE["prompts_per_step"] // c["mini_batch_prompts"],
               "n": c["n"], "seeds": len(done), "seeds_planned": seeds, "complete": len(done) == seeds,
-              "seed_list": done, "train_seconds": seconds,
+              "seed_list": done, "train_seconds": seconds, "evaluated": kept,
               "base": {rename.get(m, m): bootstrap(base[m].to_numpy()) for m in metrics},
               "methods": {}, "differences": {}}
     stacked = {n: {m: np.stack([read_kept(f"{n}-seed{s}")[m].to_numpy() for s in done]) for m in metrics} for n in names}
@@ -267,7 +283,10 @@ def paper_ratio_summary(seeds: int) -> dict:
 
 
 def paper_ratio_figures(result: dict, out: Path) -> list[Path]:
-    """figures/paper_ratio_pass_at_k.{png,pdf}: pass@k against k per method with its bootstrap band (Fig. 6's view)."""
+    """figures/paper_ratio_pass_at_k.{png,pdf}: pass@k against k per method with its bootstrap band (Fig. 6's view);
+    none while no seed is complete."""
+    if not result["seeds"]:
+        return []
     from internal_policy.figures import pass_at_k_bands, save_figure
 
     names = {"base": "base model", "grpo": "GRPO, T = 30", f"grpo-{result['T'] - result['S']}": "GRPO, T - S = 27",
