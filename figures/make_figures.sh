@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Regenerates every figure in figures/ and every number of the README's Results from scratch, on a 2-core CPU (about
-# 2.5 hours; resumable: rerun it after an interruption and finished runs, evaluations and analyses are kept). From the
+# 2.5 hours, plus about 7 for the paper-ratio stage, whose finished evaluations figures/data/ keeps; resumable: rerun it after an interruption and finished runs, evaluations and analyses are kept). From the
 # project root, after `make venv`. Runs go to runs/ (not committed; about 12 GB); figures and experiments.json to
 # figures/.
 set -euo pipefail
