@@ -149,9 +149,9 @@ def entropy_dynamics(summary: pd.DataFrame, module: str = "layer"):
 def entropy_dynamics_side_by_side(summaries: dict[str, pd.DataFrame], module: str = "layer"):
     """Fig. 7's comparison: one layer x step heatmap of the layer policies' mean entropy per result (e.g. GRPO and
     BuPO), on one colour scale, so that equal colours are equal entropies."""
-    grids = {label: _layer_grid(s, module) for label, s in summaries.items()}
-    axes_names = {label: axis for label, (_, axis) in grids.items()}
-    grids = {label: grid for label, (grid, _) in grids.items()}
+    grids, axes_names = {}, {}
+    for label, summary in summaries.items():
+        grids[label], axes_names[label] = _layer_grid(summary, module)
     low = min(float(g.min().min()) for g in grids.values())
     high = max(float(g.max().max()) for g in grids.values())
     fig, axes = plt.subplots(1, len(grids), figsize=(5.2 * len(grids), 4.2), squeeze=False)
@@ -361,8 +361,6 @@ def _figures_from_results(results: list[Path], out: Path, formats: tuple[str, ..
     names = _figure_names(results)
     for folder in results:
         name = names[folder]
-        if not folder.is_dir():
-            raise IPolicyError(f"'{folder}' does not exist or is not a folder. Fix: check the path.")
         if (folder / "summary.csv").is_file() and "layer" in pd.read_csv(folder / "summary.csv", nrows=1).columns:
             summary = pd.read_csv(folder / "summary.csv")
             norm = str(summary["norm_mode"].iloc[0]) if "norm_mode" in summary else "none"

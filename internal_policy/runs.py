@@ -340,9 +340,8 @@ class ComparisonFolder(ResultsFolder):
     def start(self) -> None:
         if self.overwrite:  # the previous run's outputs, not this run's model folders
             stale = [p for p in self._model_folders() if p.name not in self.keep]
-            for path in [*(self.out / n for n in self.outputs if n != "checkpoints"), *stale]:
-                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-            shutil.rmtree(self.partial, ignore_errors=True)
+            self.remove(*(n for n in self.outputs if n != "checkpoints"), ".partial",
+                        *(p.relative_to(self.out).as_posix() for p in stale))
             self.overwrite = False
         super().start()
 
