@@ -21,15 +21,6 @@ def view(
     the layers, coloured by the entropy of a chosen policy (layer, attention or FFN output) or its ΔH; hovering a cell
     shows that policy's top-k tokens and the sampled token's probability and rank."""
     import internal_policy as ip
-    from internal_policy.runs import folder_lock
 
-    out = out or result / "view.html"
-    if out.is_dir():
-        out = out / "view.html"
-    loaded = ip.EntropyResult.load(result)
-    if out.resolve().parent == result.resolve():  # into the results folder: as its one writer
-        with folder_lock(result):
-            path = loaded.view(out, samples=samples)
-    else:
-        path = loaded.view(out, samples=samples)
+    path = ip.EntropyResult.load(result).view(out or result, samples=samples)
     Console().print(f"View: [bold]{path}[/] ({path.stat().st_size / 1e6:.1f} MB); open it in a browser.")

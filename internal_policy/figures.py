@@ -286,20 +286,31 @@ def figures_from_results(results: list[Path], out: Path, formats: tuple[str, ...
     across-checkpoint results also side by side; the layer of a refinement, across checkpoints, per result."""
     check_output_folder(out)
     for folder in map(Path, results):  # before anything is written
-        if not folder.is_dir():
-            raise IPolicyError(f"'{folder}' does not exist or is not a folder. Fix: check the path.")
-        if not _recognised(folder):
-            raise IPolicyError(f"'{folder}' holds no results ipolicy knows (summary.csv, metrics.jsonl or problems.csv). "
-                               "Fix: pass result folders.")
+        _kind(folder)
     with folder_lock(out):
         return _figures_from_results(results, Path(out), formats)
 
 
-def _recognised(folder: Path) -> bool:
-    """Whether ``folder`` is something figures draws (or names the fix for: a verl run)."""
-    return ((folder / "summary.csv").is_file() or RunFolder(folder).metrics_path.is_file()
-            or trainer_metrics(folder) is not None or any(folder.glob("global_step_*/actor"))
-            or (folder / "problems.csv").is_file())
+def _kind(folder: Path) -> str:
+    """What ``folder`` holds, by its files: "entropy" (summary.csv of layers), "run" (an ipolicy run's metrics.jsonl),
+    "trainer" (a TRL / HF Trainer output folder) or "evaluation" (problems.csv); anything else is refused, a verl run
+    with where its metrics are."""
+    if not folder.is_dir():
+        raise IPolicyError(f"'{folder}' does not exist or is not a folder. Fix: check the path.")
+    if (folder / "summary.csv").is_file() and "layer" in pd.read_csv(folder / "summary.csv", nrows=1).columns:
+        return "entropy"
+    if RunFolder(folder).metrics_path.is_file():
+        return "run"
+    if trainer_metrics(folder) is not None:
+        return "trainer"
+    if (folder / "problems.csv").is_file():
+        return "evaluation"
+    if any(folder.glob("global_step_*/actor")):
+        raise IPolicyError(f"'{folder}' is a verl run, whose training metrics live in its logger (console, wandb), "
+                           "not in its checkpoints. Fix: analyse its checkpoints with `ipolicy entropy --run "
+                           f"{folder}` and pass that result to `ipolicy figures`.")
+    raise IPolicyError(f"'{folder}' holds no results ipolicy knows (summary.csv, metrics.jsonl or problems.csv). "
+                       "Fix: pass result folders.")
 
 
 def _figure_names(results: list[Path]) -> dict[Path, str]:
@@ -361,7 +372,8 @@ def _figures_from_results(results: list[Path], out: Path, formats: tuple[str, ..
     names = _figure_names(results)
     for folder in results:
         name = names[folder]
-        if (folder / "summary.csv").is_file() and "layer" in pd.read_csv(folder / "summary.csv", nrows=1).columns:
+        kind = _kind(folder)
+        if kind == "entropy":
             summary = pd.read_csv(folder / "summary.csv")
             norm = str(summary["norm_mode"].iloc[0]) if "norm_mode" in summary else "none"
             if "step" in summary:
@@ -378,19 +390,12 @@ def _figures_from_results(results: list[Path], out: Path, formats: tuple[str, ..
                 refinement = pd.read_csv(folder / "refinement.csv")
                 refined.add(int(refinement["layer_k"].iloc[0]))
                 written += save_figure(feature_refinement(refinement), out / f"{name}_refinement", formats)
-        elif RunFolder(folder).metrics_path.is_file():
+        elif kind == "run":
             training.append((folder, name))
-        elif (metrics := trainer_metrics(folder)) is not None:  # a TRL / HF Trainer output folder
-            runs[f"{name} (TRL)"] = metrics
-        elif any(folder.glob("global_step_*/actor")):
-            raise IPolicyError(f"'{folder}' is a verl run, whose training metrics live in its logger (console, wandb), "
-                               "not in its checkpoints. Fix: analyse its checkpoints with `ipolicy entropy --run "
-                               f"{folder}` and pass that result to `ipolicy figures`.")
-        elif (folder / "problems.csv").is_file():
+        elif kind == "trainer":
+            runs[f"{name} (TRL)"] = trainer_metrics(folder)
+        else:  # an evaluation
             written += save_figure(pass_at_k_curves(pd.read_csv(folder / "problems.csv")), out / f"{name}_pass_at_k", formats)
-        else:
-            raise IPolicyError(f"'{folder}' holds no results ipolicy knows (summary.csv, metrics.jsonl or problems.csv). "
-                              "Fix: pass result folders.")
     runs.update(_label_runs(training))
     if runs:
         written += save_figure(training_curves(runs), out / "training_curves", formats)

@@ -45,27 +45,41 @@ class ViewPage:
 
     def save(self, path: str | Path) -> Path:
         """Write the page to ``path`` (a folder: ``path/view.html``); returns the file written."""
-        path = Path(path)
-        if path.is_dir():
-            path = path / "view.html"
-        elif path.suffix.lower() not in (".html", ".htm"):
-            raise IPolicyError(f"`out` '{path}' is not an .html file; the view would replace it. Fix: give a name "
-                               "ending in .html, or a folder.")
-        elif not path.parent.is_dir():
-            raise IPolicyError(f"`out`: the folder '{path.parent}' does not exist. Fix: create it, or give another path.")
+        path = view_path(path)
         atomic_write_text(path, self.html)
         return path
 
 
+def view_path(out: str | Path) -> Path:
+    """The file a view written to ``out`` lands in: ``out`` itself (an .html file in an existing folder), or
+    ``out/view.html`` when ``out`` is a folder."""
+    path = Path(out)
+    if path.is_dir():
+        return path / "view.html"
+    if path.suffix.lower() not in (".html", ".htm"):
+        raise IPolicyError(f"`out` '{path}' is not an .html file; the view would replace it. Fix: give a name "
+                           "ending in .html, or a folder.")
+    if not path.parent.is_dir():
+        raise IPolicyError(f"`out`: the folder '{path.parent}' does not exist. Fix: create it, or give another path.")
+    return path
+
+
 def write_view(result, out: str | Path | None = None, samples: int | None = None) -> Path | ViewPage:
     """The view of ``result`` (an ``EntropyResult``): written to ``out`` (a file, or a folder for ``view.html`` in it;
-    returns the file's path), or a ``ViewPage``.
+    returns the file's path), or a ``ViewPage``. Written into the result's own folder, it holds that folder's one
+    writer's lock, so it never interleaves with a run writing there.
     ``samples``: how many samples it holds, the first ones (default: 8, or 8 sample-checkpoints across
     checkpoints)."""
-    page = render(view_data(result, samples))
+    from .runs import folder_lock
+
+    page = ViewPage(render(view_data(result, samples)))
     if out is None:
-        return ViewPage(page)
-    return ViewPage(page).save(out)
+        return page
+    path = view_path(out)
+    if result.out is not None and path.resolve().parent == Path(result.out).resolve():
+        with folder_lock(result.out):
+            return page.save(path)
+    return page.save(path)
 
 
 def view_data(result, samples: int | None = None) -> dict:

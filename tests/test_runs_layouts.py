@@ -165,7 +165,8 @@ def test_a_verl_experiment_is_a_series_and_shards_alone_are_refused_with_the_mer
     series = checkpoint_series(str(experiment), base_model=str(tiny_llama))
     assert series.layout == "verl" and [c.step for c in series.checkpoints] == [0, 2, 10]
     result = ip.compare([str(experiment)], data=str(rows_file), base_model=str(tiny_llama))
-    plain = ip.analyse(model=str(experiment / "global_step_10" / "actor" / "huggingface"), data=str(rows_file))
+    plain = ip.analyse(model=str(experiment / "global_step_10" / "actor" / "huggingface"), data=str(rows_file),
+                       out=tmp_path / "plain")
     assert summaries_equal(result.summary.query("step == 10"), plain.summary)
     assert not (tmp_path / "pwned").exists()
     shards_only = verl_experiment(tiny_llama, tmp_path / "unmerged", steps=(3,), merged=False)
@@ -173,8 +174,9 @@ def test_a_verl_experiment_is_a_series_and_shards_alone_are_refused_with_the_mer
     line = " ".join(refused.output.split())
     assert refused.exit_code == 2 and "model_world_size_1_rank_0.pt" in line
     assert "python -m verl.model_merger merge --backend fsdp --local_dir" in line and not (tmp_path / "x").exists()
-    figures = run_cli("figures", experiment, "-o", tmp_path / "fig")
+    figures = run_cli("figures", tmp_path / "plain", experiment, "-o", tmp_path / "fig")
     assert figures.exit_code == 2 and "ipolicy entropy --run" in " ".join(figures.output.split())
+    assert not (tmp_path / "fig").exists()  # refused before the first result's figures were drawn
     project = run_cli("entropy", "--run", experiment.parent, "-d", rows_file, "-o", tmp_path / "y", "-q")
     assert project.exit_code == 2 and "verl project folder" in project.output and "experiment" in project.output
 

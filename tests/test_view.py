@@ -223,3 +223,15 @@ def test_view_out_takes_a_folder_and_names_a_missing_one(hostile_result, tmp_pat
     assert missing.exit_code != 0 and "does not exist" in missing.output and not (tmp_path / "no").exists()
     onto = run_cli("view", result.out, "--out", result.out / "tokens.parquet")
     assert onto.exit_code == 2 and ".html" in onto.output and ip.EntropyResult.load(result.out).tokens is not None
+
+
+def test_a_view_into_a_folder_being_written_is_refused_from_the_library_too(hostile_result):
+    """The view written into its result's own folder takes that folder's one writer's lock (a notebook's call as much
+    as `ipolicy view`), so it never lands between a run's writes."""
+    from internal_policy.runs import folder_lock
+
+    result, _ = hostile_result
+    with folder_lock(result.out):
+        with pytest.raises(ip.IPolicyError, match="being written"):
+            result.view(result.out)
+    assert result.view(result.out) == result.out / "view.html"
