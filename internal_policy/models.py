@@ -267,7 +267,8 @@ def _load_error(model: str, source: str, error: Exception) -> IPolicyError:
     if source == "hub":
         return IPolicyError(
             f"Could not load model '{model}' from the Hugging Face Hub ({str(error).splitlines()[0]}). "
-            f"Fix: check the id and your network, or pass a local folder, a .gguf file or '{DEFAULT_MODEL}'."
+            f"Fix: check the id and your network (offline, HF_HUB_OFFLINE=1 answers at once from the local cache), "
+            f"or pass a local folder, a .gguf file or '{DEFAULT_MODEL}'."
         )
     return IPolicyError(f"Could not load model '{model}': {str(error).splitlines()[0]}")
 

@@ -86,10 +86,12 @@ def test_fast_mode_equals_textbook_entropy_of_bf16_logits(temperature, bias, mon
 
 @pytest.mark.parametrize("fast", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
-def test_predictions_equal_a_full_softmax_with_ties_broken_by_the_lower_id(fast, bias):
+@pytest.mark.parametrize("vocab_block", [128, 640])
+def test_predictions_equal_a_full_softmax_with_ties_broken_by_the_lower_id(fast, bias, vocab_block):
     """Top-k ids and probabilities, and the target's probability and rank, against the textbook on the logits the
-    head computes (float32, or the bf16 matmul's in fast mode), over many vocabulary blocks and chunks; ten identical
-    rows of U make exact ties, which must list (and rank) the lower id first."""
+    head computes (float32, or the bf16 matmul's in fast mode), over many vocabulary blocks and chunks (blocks of 640
+    columns are searched by groups, the last one of 360 and blocks of 128 directly); ten identical rows of U make
+    exact ties, which must list (and rank) the lower id first."""
     torch.manual_seed(0)
     unembed = nn.Linear(16, 1000, bias=bias)
     nn.init.normal_(unembed.weight, std=2.0)
@@ -100,7 +102,7 @@ def test_predictions_equal_a_full_softmax_with_ties_broken_by_the_lower_id(fast,
     states = torch.randn(37, 16) * torch.logspace(-2, 1, 37)[:, None]
     targets = torch.randint(0, 1000, (37,))
     targets[:5] = 505  # ties with 3 and 500..509: six of them have a lower id
-    head = PolicyHead(unembed, temperature=0.7, token_chunk=8, vocab_block=128, fast=fast)
+    head = PolicyHead(unembed, temperature=0.7, token_chunk=8, vocab_block=vocab_block, fast=fast)
     got = head.predictions(states, targets, 5)
     if fast:
         raw = (states.bfloat16() @ unembed.weight.detach().bfloat16().T).double()

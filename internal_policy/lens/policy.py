@@ -27,6 +27,9 @@ NormMode = Literal["none", "final"]
 _EXP_FLOOR = -87.0
 
 
+_GROUP = 64  # the columns of a block's top-k search are read in groups this wide
+
+
 def select_block(z: Tensor, top_k: int, target_logit: Tensor, target_col: Tensor,
                  tolerance: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """What one vocabulary block contributes to a policy's predictions. z [n, v]: the block's logits (transformed,
@@ -35,11 +38,43 @@ def select_block(z: Tensor, top_k: int, target_logit: Tensor, target_col: Tensor
     Returns the ``top_k + 1`` largest logits and their columns [n, top_k + 1] (the extra one shows a tie at the
     boundary) and, per row, how many of the block's tokens outrank the sampled one: a larger logit, or an equal one
     with a lower id [n]."""
-    values, columns = torch.topk(z, min(top_k + 1, z.shape[1]), dim=-1)
-    column = torch.arange(z.shape[1], device=z.device)
-    high, low = (target_logit + tolerance)[:, None], (target_logit - tolerance)[:, None]
-    above = ((z > high) | ((z >= low) & (column[None, :] < target_col[:, None]))).sum(-1)
-    return values, columns, above
+    values, columns = _block_top(z, min(top_k + 1, z.shape[1]))
+    return values, columns, _outranking(z, target_logit, target_col, tolerance)
+
+
+def _block_top(z: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """``torch.topk(z, k)`` [n, k], found among the k groups of columns with the largest maxima: each of the k
+    largest logits lies in a group whose maximum is at least the k-th largest, so those groups hold them all (with
+    equal logits at the k-th place, some of them; ``_exact_ties`` redoes such rows). The block's columns are then read
+    once, for the groups' maxima, and only k groups are searched."""
+    n, v = z.shape
+    if v % _GROUP or v // _GROUP <= k:
+        return torch.topk(z, k, dim=-1)
+    groups = z.view(n, v // _GROUP, _GROUP)
+    best = torch.topk(groups.amax(dim=-1), k, dim=-1).indices  # [n, k]
+    candidates = groups.gather(1, best[:, :, None].expand(n, k, _GROUP)).reshape(n, k * _GROUP)
+    values, at = torch.topk(candidates, k, dim=-1)
+    return values, best.gather(1, at // _GROUP) * _GROUP + at % _GROUP
+
+
+def _outranking(z: Tensor, target_logit: Tensor, target_col: Tensor, tolerance: Tensor) -> Tensor:
+    """Per row, how many of the block's logits outrank the sampled one [n]: larger beyond the rounding, or equal
+    within it with a lower id. Every column of a block before the sampled token's has a lower id, and none after it,
+    so one comparison with a per-row threshold counts those rows; only the rows whose sampled token lies in this
+    block need both tests (compiled, the two tests are one fused pass anyway)."""
+    n, v = z.shape
+    column = torch.arange(v, device=z.device)
+    high, low = target_logit + tolerance, target_logit - tolerance
+    if torch.compiler.is_compiling():
+        return ((z > high[:, None]) | ((z >= low[:, None]) & (column[None, :] < target_col[:, None]))).sum(-1)
+    above_high = torch.nextafter(high, torch.full_like(high, torch.inf))  # z > high  <=>  z >= above_high
+    threshold = torch.where(target_col >= v, low, above_high)
+    above = torch.ge(z, threshold[:, None]).view(torch.uint8).sum(-1, dtype=torch.int32).long()
+    own = ((target_col >= 0) & (target_col < v)).nonzero().squeeze(1)
+    if len(own):
+        z_own, col_own = z[own], target_col[own, None]
+        above[own] = ((z_own > high[own, None]) | ((z_own >= low[own, None]) & (column[None, :] < col_own))).sum(-1)
+    return above
 
 
 def fold_block(z: Tensor, running_max: Tensor, bias: Tensor | None = None, scale: float = 1.0,
