@@ -129,6 +129,7 @@ def test_the_built_site_opens_with_no_network(site):
                 "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                 "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1"])
             context = browser.new_context()
+            context.set_default_timeout(90_000)  # a loaded 2-core CI machine, not a slow page
             outside = []
             context.on("request", lambda request: None if request.url.startswith((local, "data:"))
                        else outside.append(request.url))
