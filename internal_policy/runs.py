@@ -68,7 +68,7 @@ def check_output_folder(out: str | Path) -> Path:
 
 def _lock_paths(out: Path) -> tuple[Path, Path]:
     """The lock file and its holder record, beside the folder (so a refused run leaves the folder untouched)."""
-    out = out.absolute()
+    out = out.resolve()  # a folder reached through a symlink has the one lock of the folder itself
     return out.parent / f".{out.name}.lock", out.parent / f".{out.name}.lock.json"
 
 

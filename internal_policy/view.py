@@ -76,7 +76,7 @@ def write_view(result, out: str | Path | None = None, samples: int | None = None
     if out is None:
         return page
     path = view_path(out)
-    if result.out is not None and path.resolve().parent == Path(result.out).resolve():
+    if result.out is not None and path.parent.resolve() == Path(result.out).resolve():
         with folder_lock(result.out):
             return page.save(path)
     return page.save(path)

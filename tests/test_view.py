@@ -231,7 +231,11 @@ def test_a_view_into_a_folder_being_written_is_refused_from_the_library_too(host
     from internal_policy.runs import folder_lock
 
     result, _ = hostile_result
+    link = result.out.parent / "through-a-link"
+    link.symlink_to(result.out, target_is_directory=True)
     with folder_lock(result.out):
         with pytest.raises(ip.IPolicyError, match="being written"):
             result.view(result.out)
+        with pytest.raises(ip.IPolicyError, match="being written"):  # the same folder by another name
+            ip.EntropyResult.load(link).view(link)
     assert result.view(result.out) == result.out / "view.html"
