@@ -285,10 +285,9 @@ def figures_from_results(results: list[Path], out: Path, formats: tuple[str, ...
     evaluation (problems.csv). Training runs are drawn together, labelled GRPO/BuPO and seed; several
     across-checkpoint results also side by side; the layer of a refinement, across checkpoints, per result."""
     check_output_folder(out)
-    for folder in map(Path, results):  # before anything is written
-        _kind(folder)
+    kinds = {folder: _kind(folder) for folder in map(Path, results)}  # before anything is written
     with folder_lock(out):
-        return _figures_from_results(results, Path(out), formats)
+        return _figures_from_results(kinds, Path(out), formats)
 
 
 def _kind(folder: Path) -> str:
@@ -362,17 +361,15 @@ def _boundary_tolerance(folder: Path) -> float:
     return BOUNDARY_TOLERANCE
 
 
-def _figures_from_results(results: list[Path], out: Path, formats: tuple[str, ...]) -> list[Path]:
+def _figures_from_results(kinds: dict[Path, str], out: Path, formats: tuple[str, ...]) -> list[Path]:
     written: list[Path] = []
     runs: dict[str, pd.DataFrame] = {}
     training: list[tuple[Path, str]] = []  # ipolicy runs, labelled together once all are known
     dynamics: dict[str, pd.DataFrame] = {}  # across-checkpoint summaries, drawn together at the end
     refined: set[int] = set()  # the layers whose refinement was measured
-    results = [Path(r) for r in results]
-    names = _figure_names(results)
-    for folder in results:
+    names = _figure_names(list(kinds))
+    for folder, kind in kinds.items():
         name = names[folder]
-        kind = _kind(folder)
         if kind == "entropy":
             summary = pd.read_csv(folder / "summary.csv")
             norm = str(summary["norm_mode"].iloc[0]) if "norm_mode" in summary else "none"

@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+from contextlib import nullcontext
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
@@ -72,14 +73,13 @@ def write_view(result, out: str | Path | None = None, samples: int | None = None
     checkpoints)."""
     from .runs import folder_lock
 
+    path = None if out is None else view_path(out)  # a bad `out` is named before the page is rendered
     page = ViewPage(render(view_data(result, samples)))
-    if out is None:
+    if path is None:
         return page
-    path = view_path(out)
-    if result.out is not None and path.parent.resolve() == Path(result.out).resolve():
-        with folder_lock(result.out):
-            return page.save(path)
-    return page.save(path)
+    inside = result.out is not None and path.parent.resolve() == Path(result.out).resolve()
+    with folder_lock(result.out) if inside else nullcontext():
+        return page.save(path)
 
 
 def view_data(result, samples: int | None = None) -> dict:

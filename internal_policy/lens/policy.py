@@ -62,18 +62,21 @@ def _outranking(z: Tensor, target_logit: Tensor, target_col: Tensor, tolerance: 
     within it with a lower id. Every column of a block before the sampled token's has a lower id, and none after it,
     so one comparison with a per-row threshold counts those rows; only the rows whose sampled token lies in this
     block need both tests (compiled, the two tests are one fused pass anyway)."""
-    n, v = z.shape
-    column = torch.arange(v, device=z.device)
+    v = z.shape[1]
     high, low = target_logit + tolerance, target_logit - tolerance
+
+    def both_tests(rows):  # the rule as written, on the given rows
+        column = torch.arange(v, device=z.device)
+        return ((z[rows] > high[rows, None]) | ((z[rows] >= low[rows, None]) & (column < target_col[rows, None]))).sum(-1)
+
     if torch.compiler.is_compiling():
-        return ((z > high[:, None]) | ((z >= low[:, None]) & (column[None, :] < target_col[:, None]))).sum(-1)
+        return both_tests(slice(None))
     above_high = torch.nextafter(high, torch.full_like(high, torch.inf))  # z > high  <=>  z >= above_high
     threshold = torch.where(target_col >= v, low, above_high)
     above = torch.ge(z, threshold[:, None]).view(torch.uint8).sum(-1, dtype=torch.int32).long()
     own = ((target_col >= 0) & (target_col < v)).nonzero().squeeze(1)
     if len(own):
-        z_own, col_own = z[own], target_col[own, None]
-        above[own] = ((z_own > high[own, None]) | ((z_own >= low[own, None]) & (column[None, :] < col_own))).sum(-1)
+        above[own] = both_tests(own)
     return above
 
 
