@@ -252,7 +252,8 @@ def main() -> None:
     samples = make_samples(loaded, args.problems, args.response_tokens)
     tokenized = [tokenize_sample(loaded.tokenizer, s) for s in samples]
     if args.top_k_only:
-        time_engine(loaded, tokenized[:1], fast=True, top_k=args.top_k)  # warm-up, with fast mode's compile
+        for fast in (False, True):  # warm-up, with the compiles (exact mode's block scan, fast mode's fold)
+            time_engine(loaded, tokenized[:1], fast=fast, top_k=args.top_k)
         results = {"model": "SmolLM2-135M-Instruct", "problems": args.problems,
                    "response_tokens": sum(len(t.response_ids) for t in tokenized), "threads": torch.get_num_threads(),
                    **top_k_side_by_side(loaded, tokenized, samples, args.top_k, args.repeats, args.memory_tokens)}

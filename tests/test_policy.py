@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from internal_policy.lens import policy
 from internal_policy.lens.policy import PolicyHead
 
 
@@ -76,7 +77,7 @@ def test_fast_mode_equals_textbook_entropy_of_bf16_logits(temperature, bias, mon
     expected = plain_entropy(logits / temperature)
     fast = PolicyHead(unembed, temperature=temperature, fast=True, token_chunk=8, vocab_block=128)
     compiled = fast.entropy(states)
-    monkeypatch.setattr(policy, "_compiled_fold_block", policy.fold_block)  # the eager form
+    monkeypatch.setitem(policy._COMPILED, "fold_block", policy.fold_block)  # the eager form
     eager = PolicyHead(unembed, temperature=temperature, fast=True, token_chunk=8, vocab_block=128).entropy(states)
     assert torch.allclose(compiled.double(), expected, atol=1e-4)
     assert torch.allclose(compiled, eager, atol=1e-5)
@@ -86,12 +87,13 @@ def test_fast_mode_equals_textbook_entropy_of_bf16_logits(temperature, bias, mon
 
 @pytest.mark.parametrize("fast", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("vocab_block", [128, 640])
+@pytest.mark.parametrize("vocab_block", [4, 32, 128, 640])
 def test_predictions_equal_a_full_softmax_with_ties_broken_by_the_lower_id(fast, bias, vocab_block):
     """Top-k ids and probabilities, and the target's probability and rank, against the textbook on the logits the
-    head computes (float32, or the bf16 matmul's in fast mode), over many vocabulary blocks and chunks (blocks of 640
-    columns are searched by groups, the last one of 360 and blocks of 128 directly); ten identical rows of U make
-    exact ties, which must list (and rank) the lower id first."""
+    head computes (float32, or the bf16 matmul's in fast mode), over many vocabulary blocks and chunks: blocks of 640
+    columns are searched by groups of 64, the last one of 360 and blocks of 128 or 32 column by column, blocks of 4
+    hold fewer tokens than k, and 32 or more blocks are merged before the chunk ends. Ten identical rows of U make
+    exact ties (across groups and blocks), which must list (and rank) the lower id first."""
     torch.manual_seed(0)
     unembed = nn.Linear(16, 1000, bias=bias)
     nn.init.normal_(unembed.weight, std=2.0)
@@ -126,3 +128,27 @@ def test_predictions_equal_a_full_softmax_with_ties_broken_by_the_lower_id(fast,
     # a state along U's row 3: the eleven tied rows are the most probable, listed and ranked by id
     tied = head.predictions(unembed.weight.detach()[3:4] * 4.0, torch.tensor([505]), 5)
     assert tied.top_ids[0].tolist() == [3, 500, 501, 502, 503] and int(tied.token_rank[0]) == 7
+
+
+def test_order_keys_sort_by_value_then_by_the_lower_id():
+    """The int64 keys behind every top-k order float32 values as numbers (negative, zero of either sign, infinite,
+    subnormal) and equal values by id, compared with Python's own sort of (value, id) pairs."""
+    values = torch.tensor([1.5, -0.0, 0.0, -2.0, float("-inf"), float("inf"), 1e-45, -1e-45, 1.5, -2.0, 3.0e38, 0.0])
+    ids = torch.tensor([7, 3, 2, 9, 0, 11, 4, 5, 1, 8, 6, 10])
+    keys = policy._order_keys(values, ids)
+    by_key = ids[torch.argsort(keys, descending=True)].tolist()
+    expected = [i for _, i in sorted(zip(values.tolist(), ids.tolist()), key=lambda pair: (-pair[0], pair[1]))]
+    assert by_key == expected
+
+
+def test_predictions_without_a_compiler_equal_the_compiled_ones(monkeypatch):
+    """Where torch.compile is impossible the block scan runs eagerly (the same function): the same predictions."""
+    torch.manual_seed(2)
+    unembed = nn.Linear(16, 1000)
+    nn.init.normal_(unembed.weight, std=2.0)
+    states, targets = torch.randn(37, 16) * 3, torch.randint(0, 1000, (37,))
+    compiled = PolicyHead(unembed, token_chunk=8, vocab_block=640).predictions(states, targets, 5)
+    monkeypatch.setitem(policy._COMPILED, "scan_block", policy.scan_block)
+    eager = PolicyHead(unembed, token_chunk=8, vocab_block=640).predictions(states, targets, 5)
+    for name in ("entropy", "top_ids", "top_probs", "token_prob", "token_rank"):
+        assert torch.equal(getattr(compiled, name), getattr(eager, name)), name

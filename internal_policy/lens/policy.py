@@ -8,8 +8,10 @@ internal policy) — all go through the same unembedding.
 Entropies are computed without materialising [tokens x vocab] probabilities: logits are produced in blocks of
 ``token_chunk`` rows x ``vocab_block`` columns (small enough to stay in cache) and folded into an online
 (max, sum exp, sum exp * logit) triple, so H = log S - T / S in one pass over each logit block. ``predictions`` reads
-the same blocks once more before they are folded: a running top-k, merged block by block, and a running count of the
-logits that outrank the sampled token's (docs/definitions.md §1, "What a policy predicts").
+each block once more before it is folded (docs/definitions.md §1, "What a policy predicts"): the k best groups of
+64 adjacent tokens by their largest logit, which hold the block's top-k, and a count of the logits that outrank the
+sampled token's. The groups of all blocks are merged once per chunk of rows, and the top-k read from the k best.
+Ties are ordered by int64 keys (the logit's bits, then the id), so ``torch.topk`` never breaks one arbitrarily.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import NORM_MODES
@@ -27,66 +30,134 @@ NormMode = Literal["none", "final"]
 _EXP_FLOOR = -87.0
 
 
-_GROUP = 64  # the columns of a block's top-k search are read in groups this wide
+_GROUP = 64  # a block's columns are searched for the top-k in groups this wide
+_NO_KEY = torch.iinfo(torch.int64).min  # the key of a padding entry: below every real one
+_MERGE_EVERY = 16  # blocks whose candidates are held before they are merged
 
 
-def select_block(z: Tensor, top_k: int, target_logit: Tensor, target_col: Tensor,
-                 tolerance: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """What one vocabulary block contributes to a policy's predictions. z [n, v]: the block's logits (transformed,
-    float32); target_logit [n]: the sampled token's logit, and ``tolerance`` [n] the rounding within which a logit
-    counts as equal to it; target_col [n]: its column in this block (outside 0..v-1 when it lies in another block).
-    Returns the ``top_k + 1`` largest logits and their columns [n, top_k + 1] (the extra one shows a tie at the
-    boundary) and, per row, how many of the block's tokens outrank the sampled one: a larger logit, or an equal one
-    with a lower id [n]."""
-    values, columns = _block_top(z, min(top_k + 1, z.shape[1]))
-    return values, columns, _outranking(z, target_logit, target_col, tolerance)
+@dataclass
+class Candidates:
+    """Groups of adjacent columns that hold a policy's top-k, for N rows: the k best groups of one vocabulary block,
+    or of several merged. ``best`` [N, k] the largest logit of each group; ``start`` [N, k] its first token id;
+    ``width`` [N, k] its number of tokens (0: padding); ``logits`` [N, k, _GROUP] its logits (-inf past ``width``)."""
+
+    best: Tensor
+    start: Tensor
+    width: Tensor
+    logits: Tensor
 
 
-def _block_top(z: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """``torch.topk(z, k)`` [n, k], found among the k groups of columns with the largest maxima: each of the k
-    largest logits lies in a group whose maximum is at least the k-th largest, so those groups hold them all (with
-    equal logits at the k-th place, some of them; ``_exact_ties`` redoes such rows). The block's columns are then read
-    once, for the groups' maxima, and only k groups are searched."""
+def _order_keys(values: Tensor, ids: Tensor) -> Tensor:
+    """int64 keys whose order is the predictions' order: the larger float32 value first, equal values by the lower
+    id (ids < 2**31). The float's bits, flipped below zero, sort as the float does; the id fills the low 32 bits.
+    With these keys ``torch.topk`` has no ties to break arbitrarily."""
+    bits = torch.where(values == 0, 0.0, values).view(torch.int32)  # -0.0 becomes +0.0, which it equals
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long()
+    return (ordered << 32) | (2**31 - 1 - ids)
+
+
+def block_candidates(z: Tensor, k: int) -> tuple[Tensor, Candidates]:
+    """The block's largest logit [n] and its k best groups of ``_GROUP`` adjacent columns (block-relative ids).
+    Blocks that do not split into more than k groups are searched column by column (groups of one)."""
     n, v = z.shape
-    if v % _GROUP or v // _GROUP <= k:
-        return torch.topk(z, k, dim=-1)
-    groups = z.view(n, v // _GROUP, _GROUP)
-    best = torch.topk(groups.amax(dim=-1), k, dim=-1).indices  # [n, k]
-    candidates = groups.gather(1, best[:, :, None].expand(n, k, _GROUP)).reshape(n, k * _GROUP)
-    values, at = torch.topk(candidates, k, dim=-1)
-    return values, best.gather(1, at // _GROUP) * _GROUP + at % _GROUP
+    width = _GROUP if v % _GROUP == 0 and v // _GROUP > k else 1
+    groups = z.view(n, v // width, width)
+    best = groups.amax(dim=-1) if width > 1 else z
+    return best.amax(dim=-1), _best_groups(groups, best, k)
 
 
-def _outranking(z: Tensor, target_logit: Tensor, target_col: Tensor, tolerance: Tensor) -> Tensor:
-    """Per row, how many of the block's logits outrank the sampled one [n]: larger beyond the rounding, or equal
-    within it with a lower id. Every column of a block before the sampled token's has a lower id, and none after it,
-    so one comparison with a per-row threshold counts those rows; only the rows whose sampled token lies in this
-    block need both tests (compiled, the two tests are one fused pass anyway)."""
-    v = z.shape[1]
-    high, low = target_logit + tolerance, target_logit - tolerance
+def _best_groups(groups: Tensor, best: Tensor, k: int) -> Candidates:
+    """The k best of a block's groups [n, g, w] by their largest logit ``best`` [n, g], then by position. A top-k
+    token of the block lies in them: a group outside holds nothing above the k-th group's best, and the k groups
+    hold k tokens at least that high."""
+    n, g, width = groups.shape
+    position = torch.arange(g, device=groups.device)
+    chosen = torch.topk(_order_keys(best, position.expand_as(best)), min(k, g), dim=-1).indices
+    logits = groups.gather(1, chosen[:, :, None].expand(-1, -1, width))
+    found = Candidates(best.gather(1, chosen), chosen * width, torch.full_like(chosen, width),
+                       F.pad(logits, (0, _GROUP - width), value=-torch.inf))
+    return _pad_candidates(found, k) if g < k else found
 
-    def both_tests(rows):  # the rule as written, on the given rows
-        column = torch.arange(v, device=z.device)
-        return ((z[rows] > high[rows, None]) | ((z[rows] >= low[rows, None]) & (column < target_col[rows, None]))).sum(-1)
+
+def _pad_candidates(found: Candidates, k: int) -> Candidates:
+    """``found`` with padding groups (no tokens) up to k."""
+    missing = k - found.best.shape[1]
+    return Candidates(F.pad(found.best, (0, missing), value=-torch.inf), F.pad(found.start, (0, missing)),
+                      F.pad(found.width, (0, missing)), F.pad(found.logits, (0, 0, 0, missing), value=-torch.inf))
+
+
+def merge_candidates(parts: list[Candidates], k: int) -> Candidates:
+    """The k best groups among ``parts`` (whose ``start`` are token ids), by the same order: a top-k token of the
+    union lies in one of the k best groups of its own part, hence among these."""
+    best, start, width, logits = (torch.cat(x, dim=1) for x in zip(*((p.best, p.start, p.width, p.logits) for p in parts)))
+    keys = torch.where(width > 0, _order_keys(best, start), _NO_KEY)
+    chosen = torch.topk(keys, k, dim=-1).indices
+    return Candidates(best.gather(1, chosen), start.gather(1, chosen), width.gather(1, chosen),
+                      logits.gather(1, chosen[:, :, None].expand(-1, -1, _GROUP)))
+
+
+def top_tokens(found: Candidates, k: int) -> tuple[Tensor, Tensor]:
+    """The k largest logits in ``found`` and their token ids [n, k], most probable first, equal logits by the lower
+    id (docs/definitions.md §1)."""
+    column = torch.arange(_GROUP, device=found.start.device)
+    ids = found.start[:, :, None] + column
+    keys = torch.where(column < found.width[:, :, None], _order_keys(found.logits, ids), _NO_KEY).flatten(1)
+    chosen = torch.topk(keys, k, dim=-1).indices  # sorted: the largest key first
+    return found.logits.flatten(1).gather(1, chosen), ids.flatten(1).gather(1, chosen)
+
+
+def block_predictions(z: Tensor, top_k: int, low: Tensor, above_high: Tensor,
+                      target_col: Tensor) -> tuple[Tensor, Candidates, Tensor]:
+    """What one vocabulary block adds to a policy's predictions, read before the block is overwritten. z [n, v]: its
+    logits (transformed, float32); a logit equals the sampled token's within the rounding when it lies in
+    [low, above_high) [n]; target_col [n]: the sampled token's column in this block (outside 0..v-1 when it lies in
+    another block). Returns the block's largest logit [n], its ``block_candidates``, and per row how many of its
+    tokens outrank the sampled one [n]: a logit of at least ``above_high``, or an equal one with a lower id.
+
+    Every column of a block before the sampled token's has a lower id, and none after it: those rows need one count,
+    of the logits at least ``low``, or at least ``above_high``. A row whose sampled token lies in the block needs the
+    second, unless the band between holds a logit besides the sampled token's own (rare): such rows are counted by
+    the rule as written. Compiled whole (fast mode), the rule is one fused pass over every row."""
+
+    def rule(rows):  # the definition, on the given rows
+        column = torch.arange(z.shape[1], device=z.device)
+        return ((z[rows] >= above_high[rows, None])
+                | ((z[rows] >= low[rows, None]) & (column < target_col[rows, None]))).sum(-1)
 
     if torch.compiler.is_compiling():
-        return both_tests(slice(None))
-    above_high = torch.nextafter(high, torch.full_like(high, torch.inf))  # z > high  <=>  z >= above_high
-    threshold = torch.where(target_col >= v, low, above_high)
-    above = torch.ge(z, threshold[:, None]).view(torch.uint8).sum(-1, dtype=torch.int32).long()
-    own = ((target_col >= 0) & (target_col < v)).nonzero().squeeze(1)
-    if len(own):
-        above[own] = both_tests(own)
-    return above
+        block_max, found = block_candidates(z, top_k)
+        return block_max, found, rule(slice(None))
+    block_max, found, above, redo = _compiled("scan_block", scan_block)(z, top_k, low, above_high, target_col)
+    redo = redo.nonzero().squeeze(1)
+    if len(redo):
+        above[redo] = rule(redo)
+    return block_max, found, above
+
+
+def scan_block(z: Tensor, top_k: int, low: Tensor, above_high: Tensor,
+               target_col: Tensor) -> tuple[Tensor, Candidates, Tensor, Tensor]:
+    """``block_predictions``' one read of the block, compiled in exact mode too (comparisons and maxima are exact;
+    fused, they cost a fraction of eager PyTorch's mask-and-sum passes). Returns the block's maximum [n], its
+    candidates, the count that serves each row [n], and the rows to count by the rule as written [n] bool."""
+    n, v = z.shape
+    block_max, found = block_candidates(z, top_k)
+    # counted per group of 64 columns, where the candidates' search reads them; in float32, exact below 2**24
+    groups = z.view(n, -1, _GROUP) if v % _GROUP == 0 else z.view(n, 1, v)
+    from_low = (groups >= low[:, None, None]).float().sum(-1).sum(-1).long()
+    from_high = (groups >= above_high[:, None, None]).float().sum(-1).sum(-1).long()
+    above = torch.where(target_col >= v, from_low, from_high)
+    own = (target_col >= 0) & (target_col < v)
+    return block_max, found, above, own & (from_low - from_high != 1)
 
 
 def fold_block(z: Tensor, running_max: Tensor, bias: Tensor | None = None, scale: float = 1.0,
                exp_out: Tensor | None = None, softcap: float | None = None, top_k: int = 0,
-               target_logit: Tensor | None = None, target_col: Tensor | None = None, tolerance: Tensor | None = None):
+               low: Tensor | None = None, above_high: Tensor | None = None, target_col: Tensor | None = None):
     """One vocabulary block of the streamed entropy. z [n, v] matmul output (any float dtype), logits = (z + bias)
     * scale, or softcap * tanh((z + bias) / softcap) * scale; running_max [n] float32. Returns the new max m [n] and,
     relative to it, S = sum_j e_j and T = sum_j e_j (l_j - m) with e_j = exp(max(l_j - m, -87)), all float32; and with
-    ``top_k``, ``select_block`` of the logits (else None).
+    ``top_k``, what the block adds to the predictions (else None): its ``block_candidates`` for the top-k, and per
+    row how many of its tokens outrank the sampled one (``block_predictions``).
 
     Exact mode calls it eagerly on a float32 z, which it overwrites, with ``exp_out`` a reused float32 buffer of z's
     shape: no large tensor is allocated per block. Fast mode runs it compiled on a bf16 z (torch.compile fuses it
@@ -99,8 +170,13 @@ def fold_block(z: Tensor, running_max: Tensor, bias: Tensor | None = None, scale
         z.div_(softcap).tanh_().mul_(softcap)
     if scale != 1.0:
         z *= scale
-    picked = select_block(z, top_k, target_logit, target_col, tolerance) if top_k else None
-    new_max = torch.maximum(running_max, z.amax(dim=-1))
+    picked = None
+    if top_k:  # before the block is overwritten; the groups' maxima give the block's maximum too
+        block_max, found, above = block_predictions(z, top_k, low, above_high, target_col)
+        picked = found, above
+    else:
+        block_max = z.amax(dim=-1)
+    new_max = torch.maximum(running_max, block_max)
     z -= new_max[:, None]
     # exp(t) for t < -87 underflows float32 and takes a slow path (6-12x); such a term adds < 1e-36 nats
     z.clamp_(min=_EXP_FLOOR)
@@ -108,26 +184,39 @@ def fold_block(z: Tensor, running_max: Tensor, bias: Tensor | None = None, scale
     return new_max, e.sum(dim=-1), torch.mul(e, z, out=exp_out).sum(dim=-1), picked
 
 
-_compiled_fold_block = None
+_COMPILED: dict = {}
+
+
+def _compiled(name: str, function):
+    """``function`` compiled once per process (inductor caches the kernel on disk across processes), or the eager
+    function where compiling is impossible (no C++ compiler, an unsupported platform), with one warning."""
+    if name not in _COMPILED:
+        try:
+            compiled = torch.compile(function, dynamic=True)
+            _PROBES[name](compiled)
+            _COMPILED[name] = compiled
+        except Exception as error:  # noqa: BLE001 - any compiler failure means: run eagerly
+            warnings.warn(f"ipolicy runs {name} without torch.compile ({type(error).__name__}: {error}); it stays "
+                          "correct but is slower. Install a C++ compiler (gcc) to compile it.", stacklevel=3)
+            _COMPILED[name] = function
+    return _COMPILED[name]
+
+
+def _probe_fold(compiled) -> None:
+    probe = torch.zeros(2, 8, dtype=torch.bfloat16)
+    compiled(probe, torch.full((2,), -torch.inf))
+    compiled(probe, torch.full((2,), -torch.inf), top_k=2, low=torch.zeros(2), above_high=torch.zeros(2),
+             target_col=torch.zeros(2, dtype=torch.long))
+
+
+_PROBES = {"fold_block": _probe_fold,
+           "scan_block": lambda compiled: compiled(torch.zeros(2, 8), 2, torch.zeros(2), torch.zeros(2),
+                                                   torch.zeros(2, dtype=torch.long))}
 
 
 def _fast_fold_block():
-    """``fold_block`` compiled once per process (inductor caches the kernel on disk across processes), or the eager
-    function where compiling is impossible (no C++ compiler, an unsupported platform), with one warning."""
-    global _compiled_fold_block
-    if _compiled_fold_block is None:
-        try:
-            compiled = torch.compile(fold_block, dynamic=True)
-            probe = torch.zeros(2, 8, dtype=torch.bfloat16)
-            compiled(probe, torch.full((2,), -torch.inf))
-            compiled(probe, torch.full((2,), -torch.inf), top_k=2, target_logit=torch.zeros(2),
-                     target_col=torch.zeros(2, dtype=torch.long), tolerance=torch.zeros(2))
-            _compiled_fold_block = compiled
-        except Exception as error:  # noqa: BLE001 - any compiler failure means: run eagerly
-            warnings.warn(f"Fast mode runs without torch.compile ({type(error).__name__}: {error}); it stays correct but "
-                          "is slower. Install a C++ compiler (gcc) to compile it.", stacklevel=2)
-            _compiled_fold_block = fold_block
-    return _compiled_fold_block
+    """``fold_block`` compiled: fast mode's bf16 blocks, with their float32 reductions fused."""
+    return _compiled("fold_block", fold_block)
 
 
 def entropy_from_logits(logits: Tensor) -> Tensor:
@@ -303,7 +392,9 @@ class PolicyHead:
         fold = _fast_fold_block() if self.fast else fold_block  # fast: bf16 matmul, compiled float32 reductions
         if top_k:
             target_logit, tolerance = self._target_logits(x, weight, bias, targets)
-            best = torch.empty(n, 0, device=x.device), torch.empty(n, 0, dtype=torch.long, device=x.device)
+            low, high = target_logit - tolerance, target_logit + tolerance
+            above_high = torch.nextafter(high, torch.full_like(high, torch.inf))  # z > high  <=>  z >= above_high
+            candidates: list[Candidates] = []
             outranked = torch.zeros(n, dtype=torch.long, device=x.device)
         for start in range(0, weight.shape[0], self.vocab_block):
             block = weight[start : start + self.vocab_block]
@@ -313,11 +404,14 @@ class PolicyHead:
             exp_out = None if self.fast else self._scratch("e", n, block.shape[0], torch.float32, x.device)
             new_max, block_sum, block_sum_z, picked = fold(
                 z, running_max, block_bias, scale, exp_out, self.logit_softcap,
-                **(dict(top_k=top_k, target_logit=target_logit, target_col=targets - start, tolerance=tolerance)
+                **(dict(top_k=top_k, low=low, above_high=above_high, target_col=targets - start)
                    if top_k else {}))
             if top_k:
-                values, ids, above = picked
-                best = _merge_top(best, self._exact_ties(x, z, block, block_bias, start, top_k, values, ids), top_k)
+                found, above = picked
+                found.start += start
+                candidates.append(found)
+                if len(candidates) == _MERGE_EVERY:  # bounds the memory for large vocabularies
+                    candidates = [merge_candidates(candidates, top_k)]
                 outranked += above
             # Re-express the running sums relative to the new max: e_old' = e_old * c and z' = z - shift.
             shift = new_max - running_max  # >= 0; inf on the first block, where the sums are still zero
@@ -328,45 +422,11 @@ class PolicyHead:
         entropy = torch.log(sum_exp) - sum_exp_z / sum_exp
         if not top_k:
             return (entropy,)
-        return entropy, running_max + torch.log(sum_exp), best[0], best[1], target_logit, outranked + 1
+        top_logits, top_ids = top_tokens(merge_candidates(candidates, top_k), top_k)
+        return entropy, running_max + torch.log(sum_exp), top_logits, top_ids, target_logit, outranked + 1
 
     def _transform(self, z: Tensor) -> Tensor:
         """The logit transform g and the temperature on logits that already hold the bias (float32)."""
         if self.logit_softcap:
             z = self.logit_softcap * torch.tanh(z / self.logit_softcap)
         return z * (self.logit_scale / self.temperature)
-
-    def _exact_ties(self, x, z, block, block_bias, start, top_k, values, columns):
-        """A block's top-k (logits [n, k], token ids [n, k], most probable first, equal logits: the lower id first).
-        ``torch.topk`` keeps an arbitrary one of logits tied at the k-th place; the rows where that happens (identical
-        rows of U, such as a vocabulary's unused tokens; often in fast mode, whose bf16 logits round many together)
-        are selected again from their logits, all at once: the logits above the k-th, then the tied ones by id."""
-        if values.shape[1] > top_k:
-            tied = (values[:, top_k - 1] == values[:, top_k]).nonzero().squeeze(1)
-            values, columns = values[:, :top_k].clone(), columns[:, :top_k].clone()
-            if len(tied):
-                # fast mode's fold leaves its bf16 z as it was; exact mode's overwrote it, so those rows are redone
-                raw = z[tied].float() if self.fast else torch.matmul(x[tied], block.T).float()
-                logits = self._transform(raw + (0 if block_bias is None else block_bias))
-                kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-                greater, equal = logits > kth, logits == kth
-                room = top_k - greater.sum(-1, keepdim=True)
-                chosen = greater | (equal & (equal.cumsum(-1) <= room))  # exactly top_k a row, in id order
-                picked = chosen.nonzero()[:, 1].view(len(tied), top_k)
-                values[tied], columns[tied] = logits.gather(1, picked), picked
-        return _sorted_top(values, columns + start)
-
-
-def _sorted_top(values: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
-    """Candidates [n, m] in order: logit descending, the lower token id first among equal logits."""
-    by_id = torch.argsort(ids, dim=-1, stable=True)
-    values, ids = values.gather(1, by_id), ids.gather(1, by_id)
-    by_value = torch.argsort(values, dim=-1, descending=True, stable=True)
-    return values.gather(1, by_value), ids.gather(1, by_value)
-
-
-def _merge_top(best: tuple[Tensor, Tensor], block: tuple[Tensor, Tensor], k: int) -> tuple[Tensor, Tensor]:
-    """The running top-k merged with a later block's (whose ids are all higher): the k best, ties to the lower id."""
-    values, ids = torch.cat([best[0], block[0]], dim=1), torch.cat([best[1], block[1]], dim=1)
-    order = torch.argsort(values, dim=-1, descending=True, stable=True)[:, :k]
-    return values.gather(1, order), ids.gather(1, order)
