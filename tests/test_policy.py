@@ -141,14 +141,19 @@ def test_order_keys_sort_by_value_then_by_the_lower_id():
     assert by_key == expected
 
 
-def test_predictions_without_a_compiler_equal_the_compiled_ones(monkeypatch):
-    """Where torch.compile is impossible the block scan runs eagerly (the same function): the same predictions."""
+def test_fast_predictions_without_a_compiler_equal_the_compiled_ones(monkeypatch):
+    """Where torch.compile is impossible fast mode's fold runs eagerly (the same function, which then takes the eager
+    branches: the tie test on the groups' maxima, one count per row): the same predictions as compiled."""
     torch.manual_seed(2)
     unembed = nn.Linear(16, 1000)
     nn.init.normal_(unembed.weight, std=2.0)
+    with torch.no_grad():
+        unembed.weight[500:510], unembed.bias[500:510] = unembed.weight[3], unembed.bias[3]
     states, targets = torch.randn(37, 16) * 3, torch.randint(0, 1000, (37,))
-    compiled = PolicyHead(unembed, token_chunk=8, vocab_block=640).predictions(states, targets, 5)
-    monkeypatch.setitem(policy._COMPILED, "scan_block", policy.scan_block)
-    eager = PolicyHead(unembed, token_chunk=8, vocab_block=640).predictions(states, targets, 5)
-    for name in ("entropy", "top_ids", "top_probs", "token_prob", "token_rank"):
+    states[0] = unembed.weight.detach()[3] * 4.0
+    compiled = PolicyHead(unembed, fast=True, token_chunk=8, vocab_block=640).predictions(states, targets, 5)
+    monkeypatch.setitem(policy._COMPILED, "fold_block", policy.fold_block)
+    eager = PolicyHead(unembed, fast=True, token_chunk=8, vocab_block=640).predictions(states, targets, 5)
+    for name in ("top_ids", "top_probs", "token_prob", "token_rank"):
         assert torch.equal(getattr(compiled, name), getattr(eager, name)), name
+    assert torch.allclose(compiled.entropy, eager.entropy, atol=1e-5)
