@@ -157,3 +157,15 @@ def test_fast_predictions_without_a_compiler_equal_the_compiled_ones(monkeypatch
     for name in ("top_ids", "top_probs", "token_prob", "token_rank"):
         assert torch.equal(getattr(compiled, name), getattr(eager, name)), name
     assert torch.allclose(compiled.entropy, eager.entropy, atol=1e-5)
+
+
+def test_predictions_refuse_targets_that_do_not_match_the_states():
+    """One token id per state, inside the vocabulary: a short list or a padding id of -1 is an error, not rows
+    silently dropped or token V - 1 read instead."""
+    head = PolicyHead(nn.Linear(8, 50, bias=False), token_chunk=3)
+    with pytest.raises(ValueError, match="one token id per state"):
+        head.predictions(torch.randn(10, 8), torch.randint(0, 50, (9,)), 5)
+    with pytest.raises(ValueError, match=r"token ids in 0\.\.49, got -1"):
+        head.predictions(torch.randn(10, 8), torch.full((10,), -1), 5)
+    with pytest.raises(ValueError, match="got 0..50"):
+        head.predictions(torch.randn(2, 8), torch.tensor([0, 50]), 5)

@@ -330,6 +330,12 @@ class PolicyHead:
         states [N, d], targets [N] token ids -> ``Predictions`` on the CPU."""
         if top_k < 1:
             raise ValueError(f"top_k must be at least 1, got {top_k}")
+        if targets.shape != states.shape[:1]:
+            raise ValueError(f"targets must hold one token id per state: shape {tuple(states.shape[:1])}, got "
+                             f"{tuple(targets.shape)}")
+        if len(targets) and not (0 <= int(targets.min()) and int(targets.max()) < self.vocab_size):
+            raise ValueError(f"targets must be token ids in 0..{self.vocab_size - 1}, got {int(targets.min())}.."
+                             f"{int(targets.max())}")
         weight, bias = self._matmul_weights()
         states = self.prepare(states).to(device=weight.device)
         targets = targets.to(device=weight.device, dtype=torch.long)
