@@ -79,20 +79,27 @@ def _check(ok: bool, message: str) -> None:
         raise IPolicyError(message)
 
 
+_AT_LEAST_HINTS = {"top_k": " (0 turns predictions off)", "internal_steps": " (0 trains the whole model only: GRPO)"}
+
+
 def _at_least(config, minimum: float, *names: str) -> None:
     for name in names:
         value = getattr(config, name)
-        _check(value is None or value >= minimum, f"`{name}` must be at least {minimum}, got {value}. Fix: change it.")
+        hint = _AT_LEAST_HINTS.get(name, "")
+        _check(value is None or value >= minimum,
+               f"`{name}` must be at least {minimum}, got {value}. Fix: pass {minimum} or more{hint}.")
 
 
 def _check_sampling(config) -> None:
-    _check(config.temperature >= 0, f"`temperature` must be >= 0 (0 = greedy), got {config.temperature}. Fix: change it.")
-    _check(0 < config.top_p <= 1, f"`top_p` must be in (0, 1], got {config.top_p}. Fix: change it.")
+    _check(config.temperature >= 0,
+           f"`temperature` must be >= 0 (0 = greedy), got {config.temperature}. Fix: pass 0 or more.")
+    _check(0 < config.top_p <= 1,
+           f"`top_p` must be in (0, 1], got {config.top_p}. Fix: pass a value above 0, at most 1 (1 = no nucleus cut).")
 
 
 def _check_choice(config, name: str, choices: tuple[str, ...]) -> None:
     value = getattr(config, name)
-    _check(value in choices, f"`{name}` must be one of {', '.join(choices)}, got '{value}'. Fix: change it.")
+    _check(value in choices, f"`{name}` must be one of {', '.join(choices)}, got '{value}'. Fix: pass one of these.")
 
 
 def vllm_installed() -> bool:
@@ -101,7 +108,8 @@ def vllm_installed() -> bool:
 
 def _check_rollouts(engine: str, ready: bool, needs: str, install: str) -> None:
     """An unknown rollout engine, or vllm where it cannot run."""
-    _check(engine in ROLLOUT_ENGINES, f"`rollouts` must be transformers or vllm, not '{engine}'. Fix: change it.")
+    _check(engine in ROLLOUT_ENGINES,
+           f"`rollouts` must be transformers or vllm, not '{engine}'. Fix: pass one of these.")
     _check(engine != "vllm" or ready, f"`rollouts` vllm needs {needs}. Fix: {install}, or use `rollouts` transformers.")
 
 
@@ -112,7 +120,8 @@ def _check_dtype(config, choices=("auto", "float32", "bfloat16", "float16", "flo
 def _check_device(config) -> None:
     device = config.device
     _check(device in ("auto", "cpu") or device.startswith("cuda"),
-           f"`device` must be cpu, cuda, cuda:N or auto, got '{device}'. Fix: change it.")
+           f"`device` must be cpu, cuda, cuda:N or auto, got '{device}'. Fix: pass one of these (auto picks a GPU "
+           "when there is one).")
 
 
 @dataclass
@@ -165,7 +174,7 @@ class EntropyConfig:
         _at_least(self, 1, "samples", "max_new_tokens", "batch_tokens", "generation_batch_size", "limit", "refine_layer")
         _at_least(self, 0, "top_k")
         _check_sampling(self)
-        _check(self.boundary_tolerance >= 0, "`boundary_tolerance` must be >= 0. Fix: change it.")
+        _check(self.boundary_tolerance >= 0, "`boundary_tolerance` must be >= 0 (nats). Fix: pass 0 or more.")
         _check_dtype(self)
         _check_device(self)
         parse_chat_template_kwargs(self.chat_template_kwargs)
@@ -255,9 +264,9 @@ class TrainConfig:
         # dataclasses.replace(config, data=...) means what it says.
         if isinstance(self.internal_layer, str) and self.internal_layer != "auto":
             _check(self.internal_layer.isdigit(), f"`internal_layer` must be a layer number or 'auto', got "
-                   f"'{self.internal_layer}'. Fix: change it.")
+                   f"'{self.internal_layer}'. Fix: pass a layer number (0 is the first) or 'auto'.")
             self.internal_layer = int(self.internal_layer)
-        _check(self.internal_steps >= 0, f"`internal_steps` must be at least 0, got {self.internal_steps}. Fix: change it.")
+        _at_least(self, 0, "internal_steps")
         _check(self.internal_layer is None or self.internal_steps > 0,
                f"`internal_layer` {self.internal_layer} is given but `internal_steps` is {self.internal_steps}, so no step "
                "would train it. Fix: give `internal_steps` S >= 1 (BuPO), or leave `internal_layer` out (GRPO).")
@@ -268,23 +277,27 @@ class TrainConfig:
                   "limit", "monitor_layer", "mini_batch_prompts", "generation_batch_size")
         _at_least(self, 2, "group_size")
         _check(self.mini_batch_prompts is None or self.mini_batch_prompts <= self.prompts_per_step,
-               "`mini_batch_prompts` must be in 1..`prompts_per_step`. Fix: change it.")
+               "`mini_batch_prompts` must be in 1..`prompts_per_step`. Fix: pass at most `prompts_per_step`, or leave "
+               "it out (one mini-batch per step).")
         _check(self.lr > 0 and self.temperature > 0, "`lr` and `temperature` must be > 0. Fix: change them.")
-        _check(0 < self.top_p <= 1, "`top_p` must be in (0, 1]. Fix: change it.")
+        _check(0 < self.top_p <= 1,
+               "`top_p` must be in (0, 1]. Fix: pass a value above 0, at most 1 (1 = no nucleus cut).")
         _check(0 <= self.clip_low < 1 and self.clip_high >= 0, "`clip_low` must be in [0, 1) and `clip_high` >= 0. Fix: change them.")
-        _check(0 < self.vllm_gpu_memory < 1, "`vllm_gpu_memory` must be in (0, 1). Fix: change it.")
+        _check(0 < self.vllm_gpu_memory < 1,
+               "`vllm_gpu_memory` must be in (0, 1). Fix: pass the fraction of GPU memory vLLM may take, e.g. 0.3.")
         _check(self.clip_ratio_c is None or self.clip_ratio_c > 1, "`clip_ratio_c` must be > 1 (verl: 3; the BuPO "
-               "scripts: 10). Fix: change it, or leave it out for no dual clip.")
+               "scripts: 10). Fix: pass a value above 1, or leave it out for no dual clip.")
         _check_choice(self, "loss_agg_mode", LOSS_AGG_MODES)
         _check(0 <= self.internal_steps <= self.steps,
-               f"`internal_steps` ({self.internal_steps}) must be in 0..`steps` ({self.steps}). Fix: change it.")
+               f"`internal_steps` ({self.internal_steps}) must be in 0..`steps` ({self.steps}). Fix: pass at most "
+               "`steps` internal steps, or more `steps`.")
         _check(self.weight_decay >= 0 and self.max_grad_norm > 0 and self.kl_coef >= 0 and self.entropy_coef >= 0,
                "`weight_decay`, `kl_coef` and `entropy_coef` must be >= 0 and `max_grad_norm` > 0. Fix: change them.")
         _check_choice(self, "dtype", ("auto", "float32", "bfloat16", "float16"))
         _check_device(self)
         parse_chat_template_kwargs(self.chat_template_kwargs)
         _check(self.rollouts in ROLLOUT_ENGINES, f"`rollouts` must be transformers or vllm, not '{self.rollouts}'. "
-               "Fix: change it.")  # whether vllm can run here is checked when the trainer starts
+               "Fix: pass one of these.")  # whether vllm can run here is checked when the trainer starts
 
     @property
     def resolved_reward(self) -> str | Callable:
@@ -392,5 +405,5 @@ def parse_chat_template_kwargs(text: str | dict | None) -> dict:
                            "'{\"enable_thinking\": false}'.") from None
     if not isinstance(value, dict):
         raise IPolicyError("`chat_template_kwargs` must be a JSON object, e.g. '{\"enable_thinking\": false}'. "
-                           "Fix: change it.")
+                           "Fix: wrap the keys in braces.")
     return value

@@ -176,7 +176,8 @@ def _row_to_sample(row: dict[str, Any], index: int, source: str) -> Sample:
     response, eos = row.get("response"), row.get("eos")
     if eos is not None and not isinstance(eos, str):
         raise IPolicyError(f"Row {index} of '{source}': 'eos' must be the stop token's text (e.g. \"<|im_end|>\"), got "
-                           f"{eos!r}. Fix: change it, or leave it out to analyse the response text alone.")
+                           f"{eos!r}. Fix: write the stop token's text there, or leave it out to analyse the response text "
+                           "alone.")
     return Sample(
         id=str(row.get("id", f"{Path(source).stem}-{index}")),
         prompt=prompt,

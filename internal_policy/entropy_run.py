@@ -87,7 +87,7 @@ class EntropyResult:
         if self.prediction_table is None:
             raise IPolicyError("This result has no predictions. Fix: analyse with `top_k` >= 1.")
         if state not in STATES.values():
-            raise IPolicyError(f"`state` must be one of {', '.join(STATES.values())}, got '{state}'. Fix: change it.")
+            raise IPolicyError(f"`state` must be one of {', '.join(STATES.values())}, got '{state}'. Fix: pass one of these.")
         table = self.prediction_table
         mask = pc.and_(pc.and_(pc.equal(table["sample_index"], sample_index), pc.equal(table["position"], position)),
                        pc.and_(pc.equal(table["layer"], layer), pc.equal(table["state"], state)))

@@ -91,7 +91,7 @@ def view_data(result, samples: int | None = None) -> dict:
     if samples is None:
         samples = max(1, 8 // len(steps))
     if samples < 1:
-        raise IPolicyError(f"`samples` must be at least 1, got {samples}. Fix: change it.")
+        raise IPolicyError(f"`samples` must be at least 1, got {samples}. Fix: pass 1 or more.")
     chosen = available[:samples]
     n_layers = int(tokens["layer"].max())
     predictions = result.prediction_table

@@ -87,13 +87,14 @@ def test_fast_mode_equals_textbook_entropy_of_bf16_logits(temperature, bias, mon
 
 @pytest.mark.parametrize("fast", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("vocab_block", [4, 32, 128, 640])
+@pytest.mark.parametrize("vocab_block", [4, 32, 128, 768])
 def test_predictions_equal_a_full_softmax_with_ties_broken_by_the_lower_id(fast, bias, vocab_block):
     """Top-k ids and probabilities, and the target's probability and rank, against the textbook on the logits the
-    head computes (float32, or the bf16 matmul's in fast mode), over many vocabulary blocks and chunks: blocks of 640
-    columns are searched by groups of 64, the last one of 360 and blocks of 128 or 32 column by column, blocks of 4
+    head computes (float32, or the bf16 matmul's in fast mode), over many vocabulary blocks and chunks: blocks of 768
+    columns are searched by groups of 128, the last one of 232 and blocks of 128 or 32 column by column, blocks of 4
     hold fewer tokens than k, and 32 or more blocks are merged before the chunk ends. Ten identical rows of U make
     exact ties (across groups and blocks), which must list (and rank) the lower id first."""
+    assert 768 % policy._GROUP == 0 and 768 // policy._GROUP > 5  # blocks of 768 take the grouped search
     torch.manual_seed(0)
     unembed = nn.Linear(16, 1000, bias=bias)
     nn.init.normal_(unembed.weight, std=2.0)
@@ -151,9 +152,9 @@ def test_fast_predictions_without_a_compiler_equal_the_compiled_ones(monkeypatch
         unembed.weight[500:510], unembed.bias[500:510] = unembed.weight[3], unembed.bias[3]
     states, targets = torch.randn(37, 16) * 3, torch.randint(0, 1000, (37,))
     states[0] = unembed.weight.detach()[3] * 4.0
-    compiled = PolicyHead(unembed, fast=True, token_chunk=8, vocab_block=640).predictions(states, targets, 5)
+    compiled = PolicyHead(unembed, fast=True, token_chunk=8, vocab_block=768).predictions(states, targets, 5)
     monkeypatch.setitem(policy._COMPILED, "fold_block", policy.fold_block)
-    eager = PolicyHead(unembed, fast=True, token_chunk=8, vocab_block=640).predictions(states, targets, 5)
+    eager = PolicyHead(unembed, fast=True, token_chunk=8, vocab_block=768).predictions(states, targets, 5)
     for name in ("top_ids", "top_probs", "token_prob", "token_rank"):
         assert torch.equal(getattr(compiled, name), getattr(eager, name)), name
     assert torch.allclose(compiled.entropy, eager.entropy, atol=1e-5)

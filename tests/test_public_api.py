@@ -58,6 +58,16 @@ def test_analyse_in_memory_over_several_batches_equals_the_float64_reference(tin
         assert len(figure.axes) == 1 and figure.axes[0].lines
 
 
+def test_the_command_line_runs_as_a_module_too():
+    """``python -m ipolicy_cli`` is the ``ipolicy`` command (for an environment whose scripts are not on PATH)."""
+    done = subprocess.run([sys.executable, "-m", "ipolicy_cli", "entropy", "--top-k", "-1", "-m", "x"],
+                          capture_output=True, text=True)
+    assert done.returncode == 2, done.stderr
+    assert "--top-k must be at least 0, got -1. Fix: pass 0 or more (0 turns predictions off)." in done.stdout + done.stderr
+    assert "Usage: ipolicy entropy" in subprocess.run([sys.executable, "-m", "ipolicy_cli", "entropy", "--help"],
+                                                      capture_output=True, text=True, check=True).stdout
+
+
 def test_errors_name_parameters_in_python_and_flags_on_the_command_line(tiny_llama, rows_file, tmp_path):
     with pytest.raises(ip.IPolicyError, match="`max_new_tokens` must be at least 1"):
         ip.EntropyConfig(max_new_tokens=0)

@@ -250,7 +250,7 @@ class Trainer:
         n_layers = self.loaded.n_layers
         layer = self.config.monitor_layer or self.internal_layer or max(1, round(n_layers / 6))
         if not 1 <= layer <= n_layers:
-            raise IPolicyError(f"`monitor_layer` must be in 1..{n_layers}, got {layer}. Fix: change it.")
+            raise IPolicyError(f"`monitor_layer` must be in 1..{n_layers}, got {layer}. Fix: pass a layer number in that range.")
         return layer
 
     # ---------------------------------------------------------------- one step
