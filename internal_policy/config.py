@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
@@ -119,7 +120,7 @@ def _check_dtype(config, choices=("auto", "float32", "bfloat16", "float16", "flo
 
 def _check_device(config) -> None:
     device = config.device
-    _check(device in ("auto", "cpu") or device.startswith("cuda"),
+    _check(device in ("auto", "cpu") or re.fullmatch(r"cuda(:\d+)?", device) is not None,
            f"`device` must be cpu, cuda, cuda:N or auto, got '{device}'. Fix: pass one of these (auto picks a GPU "
            "when there is one).")
 
@@ -264,8 +265,11 @@ class TrainConfig:
         # dataclasses.replace(config, data=...) means what it says.
         if isinstance(self.internal_layer, str) and self.internal_layer != "auto":
             _check(self.internal_layer.isdigit(), f"`internal_layer` must be a layer number or 'auto', got "
-                   f"'{self.internal_layer}'. Fix: pass a layer number (0 is the first) or 'auto'.")
+                   f"'{self.internal_layer}'. Fix: pass a layer number (1-based) or 'auto'.")
             self.internal_layer = int(self.internal_layer)
+        _check(not isinstance(self.internal_layer, int) or self.internal_layer >= 1,
+               f"`internal_layer` must be 1 or more (K is 1-based), got {self.internal_layer}. Fix: pass a layer "
+               "number from 1, or 'auto'.")
         _at_least(self, 0, "internal_steps")
         _check(self.internal_layer is None or self.internal_steps > 0,
                f"`internal_layer` {self.internal_layer} is given but `internal_steps` is {self.internal_steps}, so no step "
@@ -279,10 +283,16 @@ class TrainConfig:
         _check(self.mini_batch_prompts is None or self.mini_batch_prompts <= self.prompts_per_step,
                "`mini_batch_prompts` must be in 1..`prompts_per_step`. Fix: pass at most `prompts_per_step`, or leave "
                "it out (one mini-batch per step).")
-        _check(self.lr > 0 and self.temperature > 0, "`lr` and `temperature` must be > 0. Fix: change them.")
+        for name in ("lr", "temperature", "max_grad_norm"):
+            value = getattr(self, name)
+            _check(value > 0, f"`{name}` must be > 0, got {value}. Fix: pass a positive value.")
+        for name in ("weight_decay", "kl_coef", "entropy_coef", "clip_high"):
+            value = getattr(self, name)
+            _check(value >= 0, f"`{name}` must be >= 0, got {value}. Fix: pass 0 or more (0 turns it off).")
+        _check(0 <= self.clip_low < 1,
+               f"`clip_low` must be in [0, 1), got {self.clip_low}. Fix: pass a value such as 0.2 (the usual PPO clip).")
         _check(0 < self.top_p <= 1,
                "`top_p` must be in (0, 1]. Fix: pass a value above 0, at most 1 (1 = no nucleus cut).")
-        _check(0 <= self.clip_low < 1 and self.clip_high >= 0, "`clip_low` must be in [0, 1) and `clip_high` >= 0. Fix: change them.")
         _check(0 < self.vllm_gpu_memory < 1,
                "`vllm_gpu_memory` must be in (0, 1). Fix: pass the fraction of GPU memory vLLM may take, e.g. 0.3.")
         _check(self.clip_ratio_c is None or self.clip_ratio_c > 1, "`clip_ratio_c` must be > 1 (verl: 3; the BuPO "
@@ -291,8 +301,6 @@ class TrainConfig:
         _check(0 <= self.internal_steps <= self.steps,
                f"`internal_steps` ({self.internal_steps}) must be in 0..`steps` ({self.steps}). Fix: pass at most "
                "`steps` internal steps, or more `steps`.")
-        _check(self.weight_decay >= 0 and self.max_grad_norm > 0 and self.kl_coef >= 0 and self.entropy_coef >= 0,
-               "`weight_decay`, `kl_coef` and `entropy_coef` must be >= 0 and `max_grad_norm` > 0. Fix: change them.")
         _check_choice(self, "dtype", ("auto", "float32", "bfloat16", "float16"))
         _check_device(self)
         parse_chat_template_kwargs(self.chat_template_kwargs)

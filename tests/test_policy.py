@@ -170,3 +170,34 @@ def test_predictions_refuse_targets_that_do_not_match_the_states():
         head.predictions(torch.randn(10, 8), torch.full((10,), -1), 5)
     with pytest.raises(ValueError, match="got 0..50"):
         head.predictions(torch.randn(2, 8), torch.tensor([0, 50]), 5)
+
+
+def test_the_rank_band_holds_the_roundings_of_a_large_bias_and_of_tiny_states():
+    """Two tokens with identical rows and biases tie exactly: the sampled one with the higher id has rank 2, even when
+    a bias far larger than x.u rounds the matmul's and the dot product's logits differently. And a state so small that
+    |x|^2 underflows float32 still gets the float64 rank."""
+    unembed = nn.Linear(5, 4)
+    with torch.no_grad():
+        unembed.weight.zero_()
+        unembed.bias.fill_(-5.0)
+        unembed.weight[1] = unembed.weight[2] = torch.tensor([1.0, -1.0, 3.0, 2**-15 + 2**-25, -3.0])
+        unembed.bias[1] = unembed.bias[2] = 1000.0
+    tied = PolicyHead(unembed).predictions(torch.ones(8, 5), torch.full((8,), 2), 2)
+    assert tied.token_rank.tolist() == [2] * 8 and tied.top_ids[0].tolist() == [1, 2]
+
+    torch.manual_seed(3)
+    unembed = nn.Linear(16, 1000, bias=False)
+    nn.init.normal_(unembed.weight, std=2.0)
+    states, targets = torch.randn(8, 16) * 1e-25, torch.randint(0, 1000, (8,))
+    got = PolicyHead(unembed).predictions(states, targets, 5)
+    logits = states.double() @ unembed.weight.detach().double().T
+    for row in range(8):
+        order = torch.sort(-logits[row], stable=True).indices
+        assert int(got.token_rank[row]) == int((order == targets[row]).nonzero()) + 1
+
+
+def test_predictions_of_no_states_are_empty_with_min_k_and_vocabulary_columns():
+    head = PolicyHead(nn.Linear(8, 10))
+    for k, columns in ((3, 3), (30, 10)):
+        empty = head.predictions(torch.empty(0, 8), torch.empty(0, dtype=torch.long), k)
+        assert empty.top_ids.shape == (0, columns) and empty.top_probs.shape == (0, columns) and len(empty.entropy) == 0

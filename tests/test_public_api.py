@@ -73,6 +73,10 @@ def test_errors_name_parameters_in_python_and_flags_on_the_command_line(tiny_lla
         ip.EntropyConfig(max_new_tokens=0)
     with pytest.raises(ip.IPolicyError, match="`internal_steps` \\(9\\) must be in 0..`steps` \\(4\\)"):
         ip.TrainConfig(steps=4, internal_steps=9, internal_layer=2)
+    for bad, message in ((dict(lr=0), "`lr` must be > 0, got 0"), (dict(internal_layer=0, internal_steps=1),
+                         "`internal_layer` must be 1 or more"), (dict(device="cudaXYZ"), "`device` must be cpu, cuda")):
+        with pytest.raises(ip.IPolicyError, match=message):
+            ip.TrainConfig(**bad)
     result = run_cli("entropy", "-m", tiny_llama, "-d", rows_file, "-o", tmp_path / "x", "--max-new-tokens", "0")
     assert result.exit_code == 2 and "error: --max-new-tokens must be at least 1" in result.output
     assert "`" not in result.output and not (tmp_path / "x").exists()

@@ -196,7 +196,7 @@ def test_verifier_failure_is_counted_not_silent(monkeypatch, caplog):
     "extra, expected",
     [
         (["--internal-layer", "4"], "outside 1..3"),
-        (["--internal-layer", "0"], "outside 1..3"),
+        (["--internal-layer", "0"], "--internal-layer must be 1 or more"),
         (["--internal-steps", "9"], "--internal-steps (9) must be in 0..--steps (4)"),
         (["--reward", "{files}/missing.py:fn"], "does not exist"),
         (["--reward", "{files}/rewards.py:nope"], "has no function 'nope'"),

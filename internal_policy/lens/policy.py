@@ -348,12 +348,13 @@ class PolicyHead:
         weight, bias = self._matmul_weights()
         states = self.prepare(states).to(device=weight.device)
         targets = targets.to(device=weight.device, dtype=torch.long)
-        parts = [self._entropy_chunk(chunk.to(weight.dtype), weight, bias, min(top_k, weight.shape[0]), target)
-                 for chunk, target in zip(states.split(self.token_chunk), targets.split(self.token_chunk))]
-        if not parts:
+        k = min(top_k, weight.shape[0])
+        if len(states) == 0:
             empty = torch.empty(0)
-            return Predictions(empty, torch.empty(0, top_k, dtype=torch.long), torch.empty(0, top_k), empty,
+            return Predictions(empty, torch.empty(0, k, dtype=torch.long), torch.empty(0, k), empty,
                                torch.empty(0, dtype=torch.long))
+        parts = [self._entropy_chunk(chunk.to(weight.dtype), weight, bias, k, target)
+                 for chunk, target in zip(states.split(self.token_chunk), targets.split(self.token_chunk))]
         entropy, log_z, top_logits, top_ids, target_logit, rank = (torch.cat(x) for x in zip(*parts))
         return Predictions(entropy.cpu(), top_ids.cpu(), torch.exp(top_logits - log_z[:, None]).cpu(),
                            torch.exp(target_logit - log_z).cpu(), rank.cpu())
@@ -363,14 +364,18 @@ class PolicyHead:
         which a block's logit counts as equal to it [n]. The dot product sums in another order than the matmul's: they
         agree to about sqrt(d) float32 roundings of |x| |u_t|; in fast mode both are then rounded to bf16, one
         bf16 step apart at most."""
+        eps = torch.finfo(torch.float32).eps
         rows = weight[targets].float()
         raw = (x.float() * rows).sum(-1)
-        tolerance = 4 * x.shape[1] ** 0.5 * torch.finfo(torch.float32).eps * x.float().norm(dim=-1) * rows.norm(dim=-1)
+        norms = x.double().norm(dim=-1) * rows.double().norm(dim=-1)  # float64: no overflow or underflow of |x|
+        tolerance = (4 * x.shape[1] ** 0.5 * eps * norms).float()
         if x.dtype != torch.float32:
             raw = raw.to(x.dtype).float()
             tolerance = tolerance + raw.abs() * 2.0 ** -7
         z = raw if bias is None else raw + bias[targets]
-        return self._transform(z), tolerance * abs(self.logit_scale / self.temperature)
+        target = self._transform(z)
+        # adding the bias and the transform each round once more, in the block as here
+        return target, (tolerance + eps * z.abs()) * abs(self.logit_scale / self.temperature) + 4 * eps * target.abs()
 
     def _matmul_weights(self) -> tuple[Tensor, Tensor | None]:
         """U's weight and bias in the matmul dtype (float32, or bfloat16 when fast), cached until U changes."""
