@@ -9,8 +9,8 @@ Entropies are computed without materialising [tokens x vocab] probabilities: log
 ``token_chunk`` rows x ``vocab_block`` columns (small enough to stay in cache) and folded into an online
 (max, sum exp, sum exp * logit) triple, so H = log S - T / S in one pass over each logit block. ``predictions`` reads
 each block once more before it is folded (docs/definitions.md §1, "What a policy predicts"): the k best groups of
-``_GROUP`` (128) adjacent tokens by their largest logit, which hold the block's top-k, and a count of the logits that outrank the
-sampled token's. The groups of all blocks are merged once per chunk of rows, and the top-k read from the k best.
+``_GROUP`` (128) adjacent tokens by their largest logit, which hold the block's top-k, and a count of the logits that
+outrank the sampled token's. The groups of all blocks are merged once per chunk of rows, and the top-k read from the k best.
 Ties are ordered by int64 keys (the logit's bits, then the id), so ``torch.topk`` never breaks one arbitrarily.
 """
 
@@ -127,9 +127,8 @@ def block_predictions(z: Tensor, top_k: int, low: Tensor, above_high: Tensor, ta
 
     Every column of a block before the sampled token's has a lower id, and none after it: those rows need one count
     against a per-row threshold (``low``, or ``above_high``). The rows whose sampled token lies in the block are
-    counted once more against ``low``: where that finds the sampled token alone in [low, above_high), no token ties
-    with it and the count against ``above_high`` is the answer; the rule as written runs on the others (``_count_by_the_rule``).
-    Compiled (fast mode's fold), the rule is one fused pass over every row."""
+    counted again by the rule as written (``_count_by_the_rule``). Compiled (fast mode's fold), the rule is one
+    fused pass over every row."""
     v = z.shape[1]
     block_max, found = block_candidates(z, top_k)
     if torch.compiler.is_compiling():
@@ -139,14 +138,8 @@ def block_predictions(z: Tensor, top_k: int, low: Tensor, above_high: Tensor, ta
     above = _count_at_least(z, torch.where(target_col >= v, low, above_high), scratch)
     own = ((target_col >= 0) & (target_col < v)).nonzero().squeeze(1)
     if len(own):
-        logits, low, above_high, target_col = z.index_select(0, own), low[own], above_high[own], target_col[own]
-        at_least_low = _count_at_least(logits, low, None if scratch is None else scratch[: len(own)])
-        sampled = logits.gather(1, target_col[:, None]).squeeze(1)
-        alone = (at_least_low == above[own] + 1) & (sampled >= low) & (sampled < above_high)
-        ties = (~alone).nonzero().squeeze(1)
-        if len(ties):
-            above[own[ties]] = _count_by_the_rule(logits[ties], low[ties], above_high[ties], target_col[ties],
-                                                  None if scratch is None else scratch[: len(ties)])
+        above[own] = _count_by_the_rule(z.index_select(0, own), low[own], above_high[own], target_col[own],
+                                        None if scratch is None else scratch[: len(own)])
     return block_max, found, above
 
 
