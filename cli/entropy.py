@@ -24,7 +24,9 @@ def entropy(
 
     Writes summary.csv, tokens.parquet, predictions.parquet, manifest.json, samples.jsonl and the figures
     entropy_flow.png (Fig. 2) and entropy_change.png (Fig. 3) to --out, then prints the table and the boundary layer.
-    Every number is defined at https://ipolicy.readthedocs.io/en/latest/definitions/ .
+
+    Every number is defined at https://ipolicy.readthedocs.io/en/latest/definitions/ and what --fast and --top-k cost
+    is measured at https://ipolicy.readthedocs.io/en/latest/performance/
     """
     import internal_policy as ip
     from internal_policy.config import DEFAULT_MODEL

@@ -18,8 +18,10 @@ def evaluate(
                                    "instead of refusing."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ):
-    """Avg@n and unbiased pass@k per model and dataset, with per-problem details (definitions:
-    https://ipolicy.readthedocs.io/en/latest/definitions/#6-evaluation )."""
+    """Avg@n and unbiased pass@k per model and dataset, with per-problem details.
+
+    Definitions: https://ipolicy.readthedocs.io/en/latest/definitions/#6-evaluation
+    """
     import internal_policy as ip
 
     config = ip.EvalConfig(**options)

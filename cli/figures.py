@@ -16,8 +16,11 @@ def figures(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Where the figures go (PNG and PDF); default: a new "
                                        "folder runs/figures-YYYYMMDD-HHMMSS."),
 ):
-    """The paper's figures from stored results: entropy flow, ΔH, dynamics across checkpoints (several runs side by
-    side, and the refined layer's entropy and ΔH per checkpoint), training curves, feature refinement and pass@k."""
+    """The paper's figures from stored results.
+
+    Entropy flow, ΔH, dynamics across checkpoints (several runs side by side, and the refined layer's entropy and ΔH
+    per checkpoint), training curves, feature refinement and pass@k, as PNG and PDF.
+    """
     import internal_policy as ip
 
     out = out or Path("runs") / datetime.now().strftime("figures-%Y%m%d-%H%M%S")

@@ -7,12 +7,16 @@ model stack) only when it runs, so ``ipolicy --help`` and a mistyped flag answer
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import os
 import signal
 
+import rich.table
+import rich.text
 import typer
 import typer.core
+import typer.rich_utils
 from rich.console import Console
 
 from internal_policy.config import DEFINITIONS_URL, DOCS_URL, EntropyConfig, EvalConfig, TrainConfig
@@ -31,12 +35,28 @@ def _flag_without_type(self, ctx):
 
 typer.core.TyperOption.display_type_rich = _flag_without_type
 
+
+class _OptionsTable(rich.table.Table):
+    """Typer's options table with a switch's negative form (--no-autocast) under its positive one in the first column
+    instead of a column of its own, which on an 80-column terminal squeezed the flags and defaults into ellipses."""
+
+    def add_row(self, *cells, **kwargs):
+        if len(cells) < 6:  # the commands panel: name and description
+            return super().add_row(*cells, **kwargs)
+        *required, long, short, negative, negative_short, kind, help_text = cells
+        if str(negative):
+            long = rich.text.Text.assemble(long, "\n", negative)
+        return super().add_row(*required, long, short, negative_short, kind, help_text, **kwargs)
+
+
+typer.rich_utils.Table = _OptionsTable
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     rich_markup_mode="rich",
     help="Internal policy entropy of causal LMs (layer-wise and module-wise), what each internal policy predicts, and "
-         f"GRPO/BuPO training. Guide: {DOCS_URL} · definitions of every number: {DEFINITIONS_URL}",
+         f"GRPO/BuPO training.\n\nGuide: {DOCS_URL}\n\nDefinitions of every number: {DEFINITIONS_URL}",
 )
 console = Console(stderr=True)
 FLAGS = flags(EntropyConfig, TrainConfig, EvalConfig)
@@ -81,20 +101,28 @@ def friendly_errors(command, on_interrupt: str = "nothing was written half-way."
 RESUME_TRAINING = ("the checkpoints written so far are kept; rerun the same command with --resume to continue from "
                    "the latest (or without --resume to start again, if none was written yet).")
 
-app.command("entropy")(friendly_errors(
-    command_from_config(entropy.entropy, EntropyConfig),
-    "finished batches are kept; rerun the same command to resume."))
-app.command("train-bupo")(friendly_errors(
-    command_from_config(train.train, TrainConfig, defaults={"internal_layer": "auto", "internal_steps": 2},
-                        doc=train.BUPO_HELP), RESUME_TRAINING))
-app.command("train-grpo")(friendly_errors(
-    command_from_config(train.train, TrainConfig, exclude=("internal_layer", "internal_steps"), doc=train.GRPO_HELP),
-    RESUME_TRAINING))
-app.command("eval")(friendly_errors(
-    command_from_config(evaluate.evaluate, EvalConfig),
-    "finished (model, dataset) pairs are kept; rerun the same command to resume."))
-app.command("figures")(friendly_errors(figures.figures))
-app.command("view")(friendly_errors(view.view))
+
+
+def paragraphs(doc: str) -> str:
+    """A docstring as help text: its paragraphs (blank-line separated) each on one line, which rich then wraps to the
+    terminal; Typer would keep the docstring's own line breaks mid-sentence."""
+    return "\n\n".join(" ".join(part.split()) for part in inspect.cleandoc(doc).split("\n\n"))
+
+
+def register(name: str, command, on_interrupt: str = "nothing was written half-way.") -> None:
+    app.command(name, help=paragraphs(command.__doc__))(friendly_errors(command, on_interrupt))
+
+
+register("entropy", command_from_config(entropy.entropy, EntropyConfig),
+         "finished batches are kept; rerun the same command to resume.")
+register("train-bupo", command_from_config(train.train, TrainConfig, defaults={"internal_layer": "auto", "internal_steps": 2},
+                                           doc=train.BUPO_HELP), RESUME_TRAINING)
+register("train-grpo", command_from_config(train.train, TrainConfig, exclude=("internal_layer", "internal_steps"),
+                                           doc=train.GRPO_HELP), RESUME_TRAINING)
+register("eval", command_from_config(evaluate.evaluate, EvalConfig),
+         "finished (model, dataset) pairs are kept; rerun the same command to resume.")
+register("figures", figures.figures)
+register("view", view.view)
 
 
 def _print_version(value: bool) -> None:

@@ -9,10 +9,10 @@ from rich.console import Console
 
 from internal_policy.config import DEFINITIONS_URL
 
-GRPO_HELP = (f"GRPO ({DEFINITIONS_URL}#4-grpo): group-normalised advantages and the clipped surrogate on the full "
-             "policy.")
-BUPO_HELP = (f"BuPO ({DEFINITIONS_URL}#5-bupo): GRPO on the internal layer policy pi(h_K) for --internal-steps steps, then "
-             "on the full policy.")
+GRPO_HELP = ("GRPO: group-normalised advantages and the clipped surrogate on the full policy.\n\n"
+             f"Definitions: {DEFINITIONS_URL}#4-grpo")
+BUPO_HELP = ("BuPO: GRPO on the internal layer policy pi(h_K) for --internal-steps steps, then on the full policy.\n\n"
+             f"Definitions: {DEFINITIONS_URL}#5-bupo")
 
 
 def train(

@@ -17,9 +17,11 @@ def view(
     samples: Optional[int] = typer.Option(None, "--samples", help="How many samples the page holds, the first ones "
                                           "(default: 8; across checkpoints, 8 sample-checkpoints)."),
 ):
-    """The interactive per-token view: one self-contained HTML page (it needs no network). The response tokens against
-    the layers, coloured by the entropy of a chosen policy (layer, attention or FFN output) or its ΔH; hovering a cell
-    shows that policy's top-k tokens and the sampled token's probability and rank."""
+    """The interactive per-token view of a results folder: one self-contained HTML page that needs no network.
+
+    The response tokens against the layers, coloured by the entropy of a chosen policy (layer, attention or FFN
+    output) or its ΔH; hovering a cell shows that policy's top-k tokens and the sampled token's probability and rank.
+    """
     import internal_policy as ip
 
     path = ip.EntropyResult.load(result).view(out or result, samples=samples)

@@ -74,6 +74,33 @@ def reward_code(spec) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else None
 
 
+_KINDS = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+_KIND_WORDS = {"int": "a whole number", "float": "a number", "bool": "True or False", "str": "a string"}
+
+
+def _check_types(config) -> None:
+    """Each field holds a value of its declared type (``int``, ``float``, ``bool``, ``str``, each optionally None or
+    'auto'-like str): a notebook's ``top_k=2.5`` or ``top_k="5"`` is refused by name, not met later by a TypeError
+    or silently truncated; ``True`` is no number here, and a float must be finite."""
+    import math
+    from dataclasses import fields
+
+    for spec in fields(config):
+        kinds = [kind.strip() for kind in str(spec.type).split("|")]
+        if not set(kinds) <= {*_KINDS, "None"}:
+            continue  # tuples, callables: checked where they are used
+        value = getattr(config, spec.name)
+        if value is None and "None" in kinds:
+            continue
+        fits = any(isinstance(value, _KINDS[kind]) and not (isinstance(value, bool) and kind != "bool")
+                   for kind in kinds if kind in _KINDS)
+        wanted = " or ".join(_KIND_WORDS[kind] for kind in kinds if kind in _KINDS)
+        _check(fits, f"`{spec.name}` must be {wanted}{' (or None)' if 'None' in kinds else ''}, got {value!r} "
+               f"({type(value).__name__}). Fix: pass {wanted}.")
+        _check(not isinstance(value, float) or math.isfinite(value),
+               f"`{spec.name}` must be a finite number, got {value}. Fix: pass a finite value.")
+
+
 def _check(ok: bool, message: str) -> None:
     """Parameters are named in backticks (`max_new_tokens`); the CLI shows them as flags (--max-new-tokens)."""
     if not ok:
@@ -148,15 +175,16 @@ class EntropyConfig:
                                               "template.")
     norm_mode: str = option("none", "'none': pi(x) = softmax(U x), the paper's; 'final': logit lens, softmax(U LNf(x)).")
     fast: bool = option(False, "bf16 unembedding matmuls: about 2x faster on a CPU with bf16 units, layer means within "
-                        "about 1e-2 nats (" + DOCS_URL + "/performance/).")
+                        "about 1e-2 nats (the guide's Performance page).")
     boundary_tolerance: float = option(BOUNDARY_TOLERANCE, "Nats: a mean FFN entropy change above this counts as "
-                                       "exploration when finding the boundary layer (" + DEFINITIONS_URL + "#boundary-layer).")
+                                       "exploration when finding the boundary layer (definitions: Boundary layer).")
     refine_layer: int | None = option(None, "Also write refinement.csv: cos(h_k, h_j) and KL(pi(h_k) || pi(h_j)) of this "
                                       "layer k against every higher layer j.")
     top_k: int = option(5, "What each internal policy predicts: its K most probable tokens, and the probability and "
                         "rank of the token the response continues with, for every analysed token and state "
                         "(predictions.parquet; the view's hover). 0: entropies only, about 1.2x faster in exact mode.")
-    dtype: str = option("auto", "Model dtype: auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16.")
+    dtype: str = option("auto", "Model dtype: auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16, "
+                        "float64.")
     device: str = option("auto", "cpu, cuda, cuda:N, or auto.")
     device_map: str | None = option(None, "Spread a model too big for one GPU with accelerate, e.g. 'auto'.")
     revision: str | None = option(None, "Hub revision (branch, tag or commit) of the model.")
@@ -171,6 +199,7 @@ class EntropyConfig:
                            "installed (much faster on a GPU; it runs before the model is loaded).")
 
     def __post_init__(self) -> None:
+        _check_types(self)
         _check_choice(self, "norm_mode", NORM_MODES)
         _at_least(self, 1, "samples", "max_new_tokens", "batch_tokens", "generation_batch_size", "limit", "refine_layer")
         _at_least(self, 0, "top_k")
@@ -263,6 +292,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         # Nothing here rewrites a field from another one ("auto" stays "auto" until use), so that
         # dataclasses.replace(config, data=...) means what it says.
+        _check_types(self)
         if isinstance(self.internal_layer, str) and self.internal_layer != "auto":
             _check(self.internal_layer.isdigit(), f"`internal_layer` must be a layer number or 'auto', got "
                    f"'{self.internal_layer}'. Fix: pass a layer number (1-based) or 'auto'.")
@@ -374,6 +404,9 @@ class EvalConfig:
         for name in ("model", "data", "k"):  # one value, or several
             value = getattr(self, name)
             setattr(self, name, (value,) if isinstance(value, (str, int)) else tuple(value))
+        _check_types(self)
+        _check(all(isinstance(k, int) and not isinstance(k, bool) for k in self.k),
+               f"`k` must be whole numbers, got {self.k}. Fix: pass values such as 1, 4, 16.")
         _check(bool(self.model) and bool(self.data), "`model` and `data` need at least one value each. Fix: give them.")
         _at_least(self, 1, "n", "limit", "max_new_tokens", "batch_size")
         for k in self.k:

@@ -201,3 +201,59 @@ def test_predictions_of_no_states_are_empty_with_min_k_and_vocabulary_columns():
     for k, columns in ((3, 3), (30, 10)):
         empty = head.predictions(torch.empty(0, 8), torch.empty(0, dtype=torch.long), k)
         assert empty.top_ids.shape == (0, columns) and empty.top_probs.shape == (0, columns) and len(empty.entropy) == 0
+
+
+def test_a_head_refuses_settings_that_define_no_policy_and_targets_that_are_not_ids():
+    """A temperature of 0, below 0 or infinite, and blocks of no rows or columns, are refused when the head is built
+    (naming the parameter), not met later as a ZeroDivisionError or an endless loop; float or bool targets are refused
+    rather than read as ids."""
+    unembed = nn.Linear(8, 50, bias=False)
+    for temperature in (0, -1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="temperature must be a finite number above 0"):
+            PolicyHead(unembed, temperature=temperature)
+    for name in ("token_chunk", "vocab_block"):
+        for value in (0, -3, 2.5):
+            with pytest.raises(ValueError, match=f"{name} must be a whole number of at least 1"):
+                PolicyHead(unembed, **{name: value})
+    head = PolicyHead(unembed)
+    for targets in (torch.tensor([1.0, 2.0]), torch.tensor([True, False])):
+        with pytest.raises(ValueError, match="targets must be integer token ids"):
+            head.predictions(torch.randn(2, 8), targets, 3)
+
+
+def test_a_state_with_nan_or_inf_has_no_predictions_and_leaves_the_others_alone():
+    """A NaN or inf in a state gives no policy: NaN entropy and probabilities, ids -1 and rank 0 (never rank 1, which
+    a count of logits above NaN would give); the other rows of its chunk are the textbook's."""
+    torch.manual_seed(3)
+    unembed = nn.Linear(8, 300, bias=False)
+    nn.init.normal_(unembed.weight, std=2.0)
+    states, targets = torch.randn(6, 8), torch.randint(0, 300, (6,))
+    states[1, 2], states[4, 0] = math.nan, math.inf
+    got = PolicyHead(unembed, token_chunk=4, vocab_block=128).predictions(states, targets, 3)
+    bad = torch.tensor([False, True, False, False, True, False])
+    assert got.token_rank[bad].tolist() == [0, 0] and (got.top_ids[bad] == -1).all()
+    assert got.entropy[bad].isnan().all() and got.top_probs[bad].isnan().all() and got.token_prob[bad].isnan().all()
+    logits = states[~bad].double() @ unembed.weight.detach().double().T
+    order = torch.sort(-logits, dim=-1, stable=True).indices
+    assert got.top_ids[~bad].tolist() == order[:, :3].tolist()
+    ranks = [int((order[i] == t).nonzero()) + 1 for i, t in enumerate(targets[~bad])]
+    assert got.token_rank[~bad].tolist() == ranks
+    assert torch.allclose(got.entropy[~bad].double(), plain_entropy(logits), atol=1e-4)
+
+
+def test_fast_mode_compiles_its_fold_once_for_every_temperature():
+    """The scale reaches the compiled fold as a tensor: a notebook that tries ten temperatures compiles nothing after
+    the first (a float would be compiled in, and dynamo falls back to the slow eager fold after 8 recompiles)."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(4)
+    unembed = nn.Linear(16, 1000)
+    states, targets = torch.randn(37, 16), torch.randint(0, 1000, (37,))
+    PolicyHead(unembed, fast=True, token_chunk=8, vocab_block=768).predictions(states, targets, 5)
+    compiled = counters["stats"]["unique_graphs"]
+    for temperature in (0.3, 0.7, 1.3, 2.0):
+        head = PolicyHead(unembed, temperature=temperature, fast=True, token_chunk=8, vocab_block=768)
+        got = head.predictions(states, targets, 5)
+        logits = (states.bfloat16() @ unembed.weight.detach().bfloat16().T).double() + unembed.bias.detach().double()
+        assert torch.allclose(got.entropy.double(), plain_entropy(logits / temperature), atol=2e-4)
+    assert counters["stats"]["unique_graphs"] == compiled

@@ -2,6 +2,8 @@
 caller's language (parameters in Python, flags on the command line)."""
 
 import json
+import math
+import re
 import subprocess
 import sys
 
@@ -80,6 +82,24 @@ def test_errors_name_parameters_in_python_and_flags_on_the_command_line(tiny_lla
     result = run_cli("entropy", "-m", tiny_llama, "-d", rows_file, "-o", tmp_path / "x", "--max-new-tokens", "0")
     assert result.exit_code == 2 and "error: --max-new-tokens must be at least 1" in result.output
     assert "`" not in result.output and not (tmp_path / "x").exists()
+
+
+def test_configs_refuse_values_of_the_wrong_type_by_name():
+    """A notebook's top_k=2.5, True or "5" is refused naming `top_k` (2.5 was truncated, "5" raised a bare TypeError),
+    a float option must be finite, and a whole number is a fine float; None only where the option allows it."""
+    for value, shown in ((2.5, "2.5 (float)"), (True, "True (bool)"), ("5", "'5' (str)")):
+        with pytest.raises(ip.IPolicyError, match=re.escape(f"`top_k` must be a whole number, got {shown}")):
+            ip.EntropyConfig(top_k=value)
+    with pytest.raises(ip.IPolicyError, match="`temperature` must be a finite number, got inf"):
+        ip.EntropyConfig(temperature=math.inf)
+    with pytest.raises(ip.IPolicyError, match="`lr` must be a finite number, got nan"):
+        ip.TrainConfig(lr=math.nan)
+    with pytest.raises(ip.IPolicyError, match=re.escape("`steps` must be a whole number, got None")):
+        ip.TrainConfig(steps=None)
+    with pytest.raises(ip.IPolicyError, match="`k` must be whole numbers"):
+        ip.EvalConfig(k=(1, 2.5))
+    assert ip.TrainConfig(lr=1, internal_layer="auto", internal_steps=2).lr == 1
+    assert ip.EntropyConfig(limit=None, boundary_tolerance=0).top_k == 5
 
 
 def test_refine_layer_is_checked_before_anything_is_generated(tiny_llama, tmp_path):
@@ -161,3 +181,27 @@ def test_a_result_presents_itself_in_one_line_and_a_compact_notebook_cell(tiny_l
     page = result.view(samples=1)
     assert type(page).__name__ == "ViewPage"
     assert page._repr_html_().startswith("<iframe srcdoc=") and "&lt;script" in page._repr_html_()
+
+
+def test_help_reads_whole_on_an_80_column_terminal():
+    """Every --help on a common 80-column terminal: no link folded or cut with an ellipsis (a link must stay whole to
+    be opened), and no line break left from the docstring in the middle of a sentence (rich wraps each paragraph)."""
+    import typer.main
+    from typer.testing import CliRunner
+
+    from internal_policy.config import DEFINITIONS_URL, DOCS_URL
+    from ipolicy_cli.main import app
+
+    whole = {DOCS_URL, DEFINITIONS_URL, f"{DOCS_URL}/performance/",
+             *(f"{DEFINITIONS_URL}#{anchor}" for anchor in ("4-grpo", "5-bupo", "6-evaluation"))}
+    commands = typer.main.get_command(app).commands
+    seen = set()
+    for command in ([], *([name] for name in commands)):
+        shown = CliRunner().invoke(app, [*command, "--help"], env={"COLUMNS": "80", "TERMINAL_WIDTH": "80"}).output
+        assert "…" not in shown, command
+        links = set(re.findall(r"https://[^\s│]+", shown))
+        assert links <= whole, (command, links - whole)
+        seen |= links
+    assert seen == whole  # every link is shown somewhere
+    for name, command in commands.items():
+        assert not re.search(r"[^\n]\n[^\n]", command.help), name

@@ -165,25 +165,27 @@ def _count_at_least(z: Tensor, threshold: Tensor, scratch: Tensor | None = None)
     return at_least.sum(dim=-1).long()
 
 
-def fold_block(z: Tensor, running_max: Tensor, bias: Tensor | None = None, scale: float = 1.0,
+def fold_block(z: Tensor, running_max: Tensor, bias: Tensor | None = None, scale: float | Tensor = 1.0,
                exp_out: Tensor | None = None, softcap: float | None = None, top_k: int = 0,
                low: Tensor | None = None, above_high: Tensor | None = None, target_col: Tensor | None = None):
     """One vocabulary block of the streamed entropy. z [n, v] matmul output (any float dtype), logits = (z + bias)
-    * scale, or softcap * tanh((z + bias) / softcap) * scale; running_max [n] float32. Returns the new max m [n] and,
-    relative to it, S = sum_j e_j and T = sum_j e_j (l_j - m) with e_j = exp(max(l_j - m, -87)), all float32; and with
-    ``top_k``, what the block adds to the predictions (else None): its ``block_candidates`` for the top-k, and per
-    row how many of its tokens outrank the sampled one (``block_predictions``).
+    * scale, or softcap * tanh((z + bias) / softcap) * scale (scale: a float, or a 0-d float32 tensor); running_max [n]
+    float32. Returns the new max m [n] and, relative to it, S = sum_j e_j and T = sum_j e_j (l_j - m) with
+    e_j = exp(max(l_j - m, -87)), all float32; and with ``top_k``, what the block adds to the predictions (else None):
+    its ``block_candidates`` for the top-k, and per row how many of its tokens outrank the sampled one
+    (``block_predictions``).
 
     Exact mode calls it eagerly on a float32 z, which it overwrites, with ``exp_out`` a reused float32 buffer of z's
     shape: no large tensor is allocated per block. Fast mode runs it compiled on a bf16 z (torch.compile fuses it
-    into two passes over the block, and z is left alone).
+    into two passes over the block, and z is left alone), with the scale a tensor: one compiled fold serves every
+    temperature (each ``top_k`` is compiled once).
     """
     z = z.float()
     if bias is not None:
         z += bias
     if softcap is not None:
         z.div_(softcap).tanh_().mul_(softcap)
-    if scale != 1.0:
+    if isinstance(scale, Tensor) or scale != 1.0:
         z *= scale
     picked = None
     if top_k:  # before the block is overwritten; the groups' maxima give the block's maximum too
@@ -237,7 +239,9 @@ class Predictions:
     ``entropy`` [N] float32, nats; ``top_ids`` [N, K] int64 and ``top_probs`` [N, K] float32: the K most probable
     tokens, most probable first (equal probabilities: the lower token id first); ``token_prob`` [N] float32: the
     probability of the token each state's position actually continues with; ``token_rank`` [N] int64: its rank, 1 +
-    the number of tokens more probable than it (an equally probable token with a lower id counts as more probable)."""
+    the number of tokens more probable than it (an equally probable token with a lower id counts as more probable).
+    A state that holds NaN or inf has no policy: its entropy, probabilities and ``token_prob`` are NaN, its
+    ``top_ids`` -1 and its ``token_rank`` 0."""
 
     entropy: Tensor
     top_ids: Tensor
@@ -281,6 +285,12 @@ class PolicyHead:
             raise ValueError(f"norm_mode must be one of {NORM_MODES}, got {self.norm_mode!r}")
         if self.norm_mode == "final" and self.final_norm is None:
             raise ValueError("norm_mode='final' needs the model's final norm")
+        if not (isinstance(self.temperature, (int, float)) and 0 < self.temperature < float("inf")):
+            raise ValueError(f"temperature must be a finite number above 0, got {self.temperature!r}")
+        for name in ("token_chunk", "vocab_block"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+                raise ValueError(f"{name} must be a whole number of at least 1, got {value!r}")
 
     @property
     def vocab_size(self) -> int:
@@ -335,6 +345,8 @@ class PolicyHead:
         if targets.shape != states.shape[:1]:
             raise ValueError(f"targets must hold one token id per state: shape {tuple(states.shape[:1])}, got "
                              f"{tuple(targets.shape)}")
+        if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
+            raise ValueError(f"targets must be integer token ids, got dtype {targets.dtype}")
         if len(targets) and not (0 <= int(targets.min()) and int(targets.max()) < self.vocab_size):
             raise ValueError(f"targets must be token ids in 0..{self.vocab_size - 1}, got {int(targets.min())}.."
                              f"{int(targets.max())}")
@@ -349,8 +361,13 @@ class PolicyHead:
         parts = [self._entropy_chunk(chunk.to(weight.dtype), weight, bias, k, target)
                  for chunk, target in zip(states.split(self.token_chunk), targets.split(self.token_chunk))]
         entropy, log_z, top_logits, top_ids, target_logit, rank = (torch.cat(x) for x in zip(*parts))
-        return Predictions(entropy.cpu(), top_ids.cpu(), torch.exp(top_logits - log_z[:, None]).cpu(),
-                           torch.exp(target_logit - log_z).cpu(), rank.cpu())
+        found = Predictions(entropy, top_ids, torch.exp(top_logits - log_z[:, None]), torch.exp(target_logit - log_z),
+                            rank)
+        undefined = ~torch.isfinite(entropy)  # a NaN or inf in the state (or logits past float32): no policy to read
+        if undefined.any():
+            found.top_ids[undefined], found.top_probs[undefined], found.token_prob[undefined] = -1, torch.nan, torch.nan
+            found.token_rank[undefined] = 0
+        return Predictions(*(value.cpu() for value in vars(found).values()))
 
     def _target_logits(self, x: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor) -> tuple[Tensor, Tensor]:
         """The logit of each row's target token, transformed as the blocks' are [n] float32, and the rounding within
@@ -404,6 +421,8 @@ class PolicyHead:
         sum_exp_z = torch.zeros(n, device=x.device)  # T = sum_j exp(z_j - running_max) * (z_j - running_max)
         scale = self.logit_scale / self.temperature
         fold = _fast_fold_block() if self.fast else fold_block  # fast: bf16 matmul, compiled float32 reductions
+        if self.fast:  # a tensor is an input of the compiled fold; a float would be compiled in, once per temperature
+            scale = torch.tensor(scale, dtype=torch.float32, device=x.device)
         if top_k:
             target_logit, tolerance = self._target_logits(x, weight, bias, targets)
             low, high = target_logit - tolerance, target_logit + tolerance
