@@ -296,7 +296,8 @@ def paper_ratio_figures(result: dict, out: Path) -> list[Path]:
     rows += [{"method": names[name], "k": int(m[5:]), "mean": v["mean"][0], "low": v["mean"][1], "high": v["mean"][2]}
              for name, values in result["methods"].items() for m, v in values.items() if m.startswith("pass@")]
     title = (f"{result['task']}: pass@k on {result['held_out_problems']} held-out problems, n = {result['n']}, "
-             f"{result['seeds']} seeds")
+             f"{result['seeds']} seed{'s' if result['seeds'] > 1 else ''}"
+             f"{'' if result['complete'] else ' (of ' + str(result['seeds_planned']) + ': interim)'}")
     return save_figure(pass_at_k_bands(pd.DataFrame(rows), title), out / "paper_ratio_pass_at_k", ("png", "pdf"))
 
 
