@@ -12,44 +12,16 @@ import logging
 import os
 import signal
 
-import rich.table
-import rich.text
 import typer
-import typer.core
-import typer.rich_utils
 from rich.console import Console
 
 from internal_policy.config import DEFINITIONS_URL, DOCS_URL, EntropyConfig, EvalConfig, TrainConfig
 from internal_policy.errors import IPolicyError
 
-from . import entropy, evaluate, figures, train, view
+from . import entropy, evaluate, figures, help_style, train, view
 from .options import as_flags, command_from_config, flags
 
-_display_type = typer.core.TyperOption.display_type_rich
-
-
-def _flag_without_type(self, ctx):
-    """A flag (--fast, --overwrite, --help) takes no value: Typer 0.29 would still print it a <bool> type."""
-    return None if self.is_flag else _display_type(self, ctx)
-
-
-typer.core.TyperOption.display_type_rich = _flag_without_type
-
-
-class _OptionsTable(rich.table.Table):
-    """Typer's options table with a switch's negative form (--no-autocast) under its positive one in the first column
-    instead of a column of its own, which on an 80-column terminal squeezed the flags and defaults into ellipses."""
-
-    def add_row(self, *cells, **kwargs):
-        if len(cells) < 6:  # the commands panel: name and description
-            return super().add_row(*cells, **kwargs)
-        *required, long, short, negative, negative_short, kind, help_text = cells
-        if str(negative):
-            long = rich.text.Text.assemble(long, "\n", negative)
-        return super().add_row(*required, long, short, negative_short, kind, help_text, **kwargs)
-
-
-typer.rich_utils.Table = _OptionsTable
+help_style.install()
 
 app = typer.Typer(
     add_completion=False,

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
+import os
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
@@ -74,31 +76,60 @@ def reward_code(spec) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else None
 
 
-_KINDS = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
 _KIND_WORDS = {"int": "a whole number", "float": "a number", "bool": "True or False", "str": "a string"}
+_KIND_HINTS = {"internal_layer": "a layer number (1-based) or 'auto'"}
+_CHECKED_WHERE_USED = {"chat_template_kwargs"}  # text or a dict: parse_chat_template_kwargs checks it
+
+
+def _as_kind(value, kind: str):
+    """``value`` as a plain Python value of ``kind`` (numpy scalars and paths included), or None where it is not one."""
+    import numbers
+    import os
+
+    is_bool = type(value).__name__ in ("bool", "bool_")  # numpy's bool is no subclass of bool
+    if kind == "bool":
+        return bool(value) if is_bool else None
+    if kind == "int":
+        return int(value) if isinstance(value, numbers.Integral) and not is_bool else None
+    if kind == "float":
+        return _as_float(value) if isinstance(value, numbers.Real) and not is_bool else None
+    return os.fspath(value) if isinstance(value, (str, os.PathLike)) else None
+
+
+def _as_float(value) -> float:
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond float's range: as large as a float gets
+        return math.inf if value > 0 else -math.inf
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}...{text[-8:]} ({len(text)} characters)"
 
 
 def _check_types(config) -> None:
-    """Each field holds a value of its declared type (``int``, ``float``, ``bool``, ``str``, each optionally None or
-    'auto'-like str): a notebook's ``top_k=2.5`` or ``top_k="5"`` is refused by name, not met later by a TypeError
-    or silently truncated; ``True`` is no number here, and a float must be finite."""
-    import math
+    """Each field holds a value of its declared type (``int``, ``float``, ``bool``, ``str``, each optionally None):
+    a notebook's ``top_k=2.5`` or ``top_k="5"`` is refused by name, not met later by a TypeError or silently
+    truncated; ``True`` is no number here, and a float must be finite. numpy scalars and paths are accepted and stored
+    as the plain Python value (so that run.json records them as such)."""
     from dataclasses import fields
 
     for spec in fields(config):
         kinds = [kind.strip() for kind in str(spec.type).split("|")]
-        if not set(kinds) <= {*_KINDS, "None"}:
+        if not set(kinds) <= {*_KIND_WORDS, "None"} or spec.name in _CHECKED_WHERE_USED:
             continue  # tuples, callables: checked where they are used
         value = getattr(config, spec.name)
         if value is None and "None" in kinds:
             continue
-        fits = any(isinstance(value, _KINDS[kind]) and not (isinstance(value, bool) and kind != "bool")
-                   for kind in kinds if kind in _KINDS)
-        wanted = " or ".join(_KIND_WORDS[kind] for kind in kinds if kind in _KINDS)
-        _check(fits, f"`{spec.name}` must be {wanted}{' (or None)' if 'None' in kinds else ''}, got {value!r} "
-               f"({type(value).__name__}). Fix: pass {wanted}.")
-        _check(not isinstance(value, float) or math.isfinite(value),
-               f"`{spec.name}` must be a finite number, got {value}. Fix: pass a finite value.")
+        plain = next((v for v in (_as_kind(value, kind) for kind in kinds if kind != "None") if v is not None), None)
+        wanted = _KIND_HINTS.get(spec.name) or " or ".join(_KIND_WORDS[kind] for kind in kinds if kind != "None")
+        optional = " (or None)" if "None" in kinds else ""
+        _check(plain is not None, f"`{spec.name}` must be {wanted}{optional}, got {_shown(value)} ({type(value).__name__}). "
+               f"Fix: pass {wanted}.")
+        _check(not isinstance(plain, float) or math.isfinite(plain),
+               f"`{spec.name}` must be a finite number, got {_shown(value)}. Fix: pass a finite value.")
+        setattr(config, spec.name, plain)
 
 
 def _check(ok: bool, message: str) -> None:
@@ -204,7 +235,7 @@ class EntropyConfig:
         _at_least(self, 1, "samples", "max_new_tokens", "batch_tokens", "generation_batch_size", "limit", "refine_layer")
         _at_least(self, 0, "top_k")
         _check_sampling(self)
-        _check(self.boundary_tolerance >= 0, "`boundary_tolerance` must be >= 0 (nats). Fix: pass 0 or more.")
+        _check(self.boundary_tolerance >= 0, f"`boundary_tolerance` must be >= 0 (nats), got {self.boundary_tolerance}. Fix: pass 0 or more.")
         _check_dtype(self)
         _check_device(self)
         parse_chat_template_kwargs(self.chat_template_kwargs)
@@ -294,7 +325,7 @@ class TrainConfig:
         # dataclasses.replace(config, data=...) means what it says.
         _check_types(self)
         if isinstance(self.internal_layer, str) and self.internal_layer != "auto":
-            _check(self.internal_layer.isdigit(), f"`internal_layer` must be a layer number or 'auto', got "
+            _check(re.fullmatch(r"[0-9]+", self.internal_layer) is not None, f"`internal_layer` must be a layer number or 'auto', got "
                    f"'{self.internal_layer}'. Fix: pass a layer number (1-based) or 'auto'.")
             self.internal_layer = int(self.internal_layer)
         _check(not isinstance(self.internal_layer, int) or self.internal_layer >= 1,
@@ -311,8 +342,9 @@ class TrainConfig:
                   "limit", "monitor_layer", "mini_batch_prompts", "generation_batch_size")
         _at_least(self, 2, "group_size")
         _check(self.mini_batch_prompts is None or self.mini_batch_prompts <= self.prompts_per_step,
-               "`mini_batch_prompts` must be in 1..`prompts_per_step`. Fix: pass at most `prompts_per_step`, or leave "
-               "it out (one mini-batch per step).")
+               f"`mini_batch_prompts` must be in 1..`prompts_per_step` ({self.prompts_per_step}), got "
+               f"{self.mini_batch_prompts}. Fix: pass at most `prompts_per_step`, or leave it out (one mini-batch per "
+               "step).")
         for name in ("lr", "temperature", "max_grad_norm"):
             value = getattr(self, name)
             _check(value > 0, f"`{name}` must be > 0, got {value}. Fix: pass a positive value.")
@@ -322,11 +354,15 @@ class TrainConfig:
         _check(0 <= self.clip_low < 1,
                f"`clip_low` must be in [0, 1), got {self.clip_low}. Fix: pass a value such as 0.2 (the usual PPO clip).")
         _check(0 < self.top_p <= 1,
-               "`top_p` must be in (0, 1]. Fix: pass a value above 0, at most 1 (1 = no nucleus cut).")
+               f"`top_p` must be in (0, 1], got {self.top_p}. Fix: pass a value above 0, at most 1 (1 = no nucleus cut).")
         _check(0 < self.vllm_gpu_memory < 1,
-               "`vllm_gpu_memory` must be in (0, 1). Fix: pass the fraction of GPU memory vLLM may take, e.g. 0.3.")
-        _check(self.clip_ratio_c is None or self.clip_ratio_c > 1, "`clip_ratio_c` must be > 1 (verl: 3; the BuPO "
-               "scripts: 10). Fix: pass a value above 1, or leave it out for no dual clip.")
+               f"`vllm_gpu_memory` must be in (0, 1), got {self.vllm_gpu_memory}. Fix: pass the fraction of GPU memory "
+               "vLLM may take, e.g. 0.3.")
+        _check(self.clip_ratio_c is None or self.clip_ratio_c > 1, f"`clip_ratio_c` must be > 1 (verl: 3; the BuPO "
+               f"scripts: 10), got {self.clip_ratio_c}. Fix: pass a value above 1, or leave it out for no dual clip.")
+        _check(isinstance(self.reward, str) or callable(self.reward),
+               f"`reward` must be a name, FILE.py:FUNCTION or a function, got {_shown(self.reward)}. Fix: pass 'auto', "
+               "'math', 'last-number', FILE.py:FUNCTION or a Python function.")
         _check_choice(self, "loss_agg_mode", LOSS_AGG_MODES)
         _check(0 <= self.internal_steps <= self.steps,
                f"`internal_steps` ({self.internal_steps}) must be in 0..`steps` ({self.steps}). Fix: pass at most "
@@ -401,12 +437,15 @@ class EvalConfig:
                            "faster on a GPU).")
 
     def __post_init__(self) -> None:
-        for name in ("model", "data", "k"):  # one value, or several
+        for name, kind, example in (("model", "str", "a Hub id or a folder"), ("data", "str", "a dataset name or file"),
+                                    ("k", "int", "1, 4, 16")):  # one value, or several
             value = getattr(self, name)
-            setattr(self, name, (value,) if isinstance(value, (str, int)) else tuple(value))
+            values = (value,) if isinstance(value, (str, int, os.PathLike)) or not hasattr(value, "__iter__") else value
+            plain = tuple(_as_kind(v, kind) for v in values)
+            _check(value is not None and None not in plain, f"`{name}` must be {_KIND_WORDS[kind]} or several, got "
+                   f"{_shown(value)}. Fix: pass {example}.")
+            setattr(self, name, plain)
         _check_types(self)
-        _check(all(isinstance(k, int) and not isinstance(k, bool) for k in self.k),
-               f"`k` must be whole numbers, got {self.k}. Fix: pass values such as 1, 4, 16.")
         _check(bool(self.model) and bool(self.data), "`model` and `data` need at least one value each. Fix: give them.")
         _at_least(self, 1, "n", "limit", "max_new_tokens", "batch_size")
         for k in self.k:

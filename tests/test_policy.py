@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -208,14 +209,23 @@ def test_a_head_refuses_settings_that_define_no_policy_and_targets_that_are_not_
     (naming the parameter), not met later as a ZeroDivisionError or an endless loop; float or bool targets are refused
     rather than read as ids."""
     unembed = nn.Linear(8, 50, bias=False)
-    for temperature in (0, -1.0, math.inf, math.nan):
+    for temperature in (0, -1.0, math.inf, math.nan, True):
         with pytest.raises(ValueError, match="temperature must be a finite number above 0"):
             PolicyHead(unembed, temperature=temperature)
+    for softcap in (0.0, -30.0, math.inf):  # 0 was no cap in logits() but a uniform policy in entropy()
+        with pytest.raises(ValueError, match="logit_softcap must be None"):
+            PolicyHead(unembed, logit_softcap=softcap)
+    with pytest.raises(ValueError, match="logit_scale must be a finite number other than 0"):
+        PolicyHead(unembed, logit_scale=math.nan)
+    assert PolicyHead(unembed, temperature=np.float32(0.5)).temperature == 0.5  # numpy numbers are numbers
     for name in ("token_chunk", "vocab_block"):
         for value in (0, -3, 2.5):
             with pytest.raises(ValueError, match=f"{name} must be a whole number of at least 1"):
                 PolicyHead(unembed, **{name: value})
     head = PolicyHead(unembed)
+    for top_k in (0, 2.5, True, "3"):
+        with pytest.raises(ValueError, match="top_k must be a whole number of at least 1"):
+            head.predictions(torch.randn(2, 8), torch.tensor([1, 2]), top_k)
     for targets in (torch.tensor([1.0, 2.0]), torch.tensor([True, False])):
         with pytest.raises(ValueError, match="targets must be integer token ids"):
             head.predictions(torch.randn(2, 8), targets, 3)

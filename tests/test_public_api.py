@@ -82,6 +82,13 @@ def test_errors_name_parameters_in_python_and_flags_on_the_command_line(tiny_lla
     result = run_cli("entropy", "-m", tiny_llama, "-d", rows_file, "-o", tmp_path / "x", "--max-new-tokens", "0")
     assert result.exit_code == 2 and "error: --max-new-tokens must be at least 1" in result.output
     assert "`" not in result.output and not (tmp_path / "x").exists()
+    # a value Typer itself cannot parse, or an unknown flag: one line with the fix too, not a usage dump and a box
+    for args, problem in ((("entropy", "--top-k", "2.5"), "Invalid value for '--top-k'"),
+                          (("train-grpo", "--no-such-flag"), "No such option: --no-such-flag")):
+        result = run_cli(*args, "-o", tmp_path / "y")
+        lines = result.output.strip().splitlines()
+        assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith(f"error: {problem}"), result.output
+        assert lines[0].endswith(f"Fix: see `ipolicy {args[0]} --help`.") and not (tmp_path / "y").exists()
 
 
 def test_configs_refuse_values_of_the_wrong_type_by_name():
@@ -96,10 +103,29 @@ def test_configs_refuse_values_of_the_wrong_type_by_name():
         ip.TrainConfig(lr=math.nan)
     with pytest.raises(ip.IPolicyError, match=re.escape("`steps` must be a whole number, got None")):
         ip.TrainConfig(steps=None)
-    with pytest.raises(ip.IPolicyError, match="`k` must be whole numbers"):
+    with pytest.raises(ip.IPolicyError, match=re.escape("`k` must be a whole number or several, got (1, 2.5)")):
         ip.EvalConfig(k=(1, 2.5))
     assert ip.TrainConfig(lr=1, internal_layer="auto", internal_steps=2).lr == 1
     assert ip.EntropyConfig(limit=None, boundary_tolerance=0).top_k == 5
+    for bad, message in ((dict(internal_layer="³", internal_steps=1), "`internal_layer` must be a layer number or 'auto'"),
+                         (dict(reward=5), "`reward` must be a name, FILE.py:FUNCTION or a function, got 5"),
+                         (dict(lr=10**400), r"`lr` must be a finite number, got 1000.*\(401 characters\)")):
+        with pytest.raises(ip.IPolicyError, match=message):
+            ip.TrainConfig(**bad)
+    for bad, message in ((dict(k=None), "`k` must be a whole number or several, got None"),
+                         (dict(model=None), "`model` must be a string or several, got None")):
+        with pytest.raises(ip.IPolicyError, match=re.escape(message)):
+            ip.EvalConfig(**bad)
+    # numpy scalars, paths and a dict of template options are fine, and stored as plain values (run.json, manifests)
+    import numpy as np
+    from pathlib import Path
+
+    config = ip.TrainConfig(group_size=np.int64(4), lr=np.float32(0.5), autocast=np.bool_(True), model=Path("m"),
+                            chat_template_kwargs={"enable_thinking": False})
+    stored = json.loads(json.dumps(config.record()))
+    assert (stored["group_size"], stored["lr"], stored["autocast"], stored["model"]) == (4, 0.5, True, "m")
+    assert stored["chat_template_kwargs"] == {"enable_thinking": False}
+    assert ip.EvalConfig(k=np.int64(4), n=8).k == (4,) and type(ip.EvalConfig(k=[np.int64(4)], n=8).k[0]) is int
 
 
 def test_refine_layer_is_checked_before_anything_is_generated(tiny_llama, tmp_path):
