@@ -1,5 +1,5 @@
-"""How ``ipolicy``'s help and usage errors look: Typer's rich output, adjusted where it reads badly on a common terminal.
-``install()`` applies it (once, when the app is built)."""
+"""How ``ipolicy``'s help and usage errors look: Typer's rich output, adjusted where it reads badly on a common
+terminal. ``install()`` applies it (once, when the app is built)."""
 
 from __future__ import annotations
 

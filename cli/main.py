@@ -87,8 +87,8 @@ def register(name: str, command, on_interrupt: str = "nothing was written half-w
 
 register("entropy", command_from_config(entropy.entropy, EntropyConfig),
          "finished batches are kept; rerun the same command to resume.")
-register("train-bupo", command_from_config(train.train, TrainConfig, defaults={"internal_layer": "auto", "internal_steps": 2},
-                                           doc=train.BUPO_HELP), RESUME_TRAINING)
+register("train-bupo", command_from_config(train.train, TrainConfig, doc=train.BUPO_HELP,
+                                           defaults={"internal_layer": "auto", "internal_steps": 2}), RESUME_TRAINING)
 register("train-grpo", command_from_config(train.train, TrainConfig, exclude=("internal_layer", "internal_steps"),
                                            doc=train.GRPO_HELP), RESUME_TRAINING)
 register("eval", command_from_config(evaluate.evaluate, EvalConfig),

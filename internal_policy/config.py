@@ -14,9 +14,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import numbers
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable
 
 from .errors import IPolicyError
@@ -81,18 +82,29 @@ _KIND_HINTS = {"internal_layer": "a layer number (1-based) or 'auto'"}
 _CHECKED_WHERE_USED = {"chat_template_kwargs"}  # text or a dict: parse_chat_template_kwargs checks it
 
 
+def is_bool(value) -> bool:
+    """True or False, Python's or numpy's (numpy's bool is no subclass of bool, nor of int)."""
+    return type(value).__name__ in ("bool", "bool_")
+
+
+def is_whole(value) -> bool:
+    """A whole number (int or a numpy integer), not a bool."""
+    return isinstance(value, numbers.Integral) and not is_bool(value)
+
+
+def is_number(value) -> bool:
+    """A real number (int, float or a numpy scalar), not a bool."""
+    return isinstance(value, numbers.Real) and not is_bool(value)
+
+
 def _as_kind(value, kind: str):
     """``value`` as a plain Python value of ``kind`` (numpy scalars and paths included), or None where it is not one."""
-    import numbers
-    import os
-
-    is_bool = type(value).__name__ in ("bool", "bool_")  # numpy's bool is no subclass of bool
     if kind == "bool":
-        return bool(value) if is_bool else None
+        return bool(value) if is_bool(value) else None
     if kind == "int":
-        return int(value) if isinstance(value, numbers.Integral) and not is_bool else None
+        return int(value) if is_whole(value) else None
     if kind == "float":
-        return _as_float(value) if isinstance(value, numbers.Real) and not is_bool else None
+        return _as_float(value) if is_number(value) else None
     return os.fspath(value) if isinstance(value, (str, os.PathLike)) else None
 
 
@@ -113,8 +125,6 @@ def _check_types(config) -> None:
     a notebook's ``top_k=2.5`` or ``top_k="5"`` is refused by name, not met later by a TypeError or silently
     truncated; ``True`` is no number here, and a float must be finite. numpy scalars and paths are accepted and stored
     as the plain Python value (so that run.json records them as such)."""
-    from dataclasses import fields
-
     for spec in fields(config):
         kinds = [kind.strip() for kind in str(spec.type).split("|")]
         if not set(kinds) <= {*_KIND_WORDS, "None"} or spec.name in _CHECKED_WHERE_USED:
@@ -125,8 +135,8 @@ def _check_types(config) -> None:
         plain = next((v for v in (_as_kind(value, kind) for kind in kinds if kind != "None") if v is not None), None)
         wanted = _KIND_HINTS.get(spec.name) or " or ".join(_KIND_WORDS[kind] for kind in kinds if kind != "None")
         optional = " (or None)" if "None" in kinds else ""
-        _check(plain is not None, f"`{spec.name}` must be {wanted}{optional}, got {_shown(value)} ({type(value).__name__}). "
-               f"Fix: pass {wanted}.")
+        _check(plain is not None, f"`{spec.name}` must be {wanted}{optional}, got {_shown(value)} "
+               f"({type(value).__name__}). Fix: pass {wanted}.")
         _check(not isinstance(plain, float) or math.isfinite(plain),
                f"`{spec.name}` must be a finite number, got {_shown(value)}. Fix: pass a finite value.")
         setattr(config, spec.name, plain)
@@ -235,7 +245,8 @@ class EntropyConfig:
         _at_least(self, 1, "samples", "max_new_tokens", "batch_tokens", "generation_batch_size", "limit", "refine_layer")
         _at_least(self, 0, "top_k")
         _check_sampling(self)
-        _check(self.boundary_tolerance >= 0, f"`boundary_tolerance` must be >= 0 (nats), got {self.boundary_tolerance}. Fix: pass 0 or more.")
+        _check(self.boundary_tolerance >= 0,
+               f"`boundary_tolerance` must be >= 0 (nats), got {self.boundary_tolerance}. Fix: pass 0 or more.")
         _check_dtype(self)
         _check_device(self)
         parse_chat_template_kwargs(self.chat_template_kwargs)
@@ -325,8 +336,9 @@ class TrainConfig:
         # dataclasses.replace(config, data=...) means what it says.
         _check_types(self)
         if isinstance(self.internal_layer, str) and self.internal_layer != "auto":
-            _check(re.fullmatch(r"[0-9]+", self.internal_layer) is not None, f"`internal_layer` must be a layer number or 'auto', got "
-                   f"'{self.internal_layer}'. Fix: pass a layer number (1-based) or 'auto'.")
+            _check(re.fullmatch(r"[0-9]+", self.internal_layer) is not None,  # ASCII digits: int() reads them all
+                   f"`internal_layer` must be a layer number or 'auto', got '{self.internal_layer}'. Fix: pass a layer "
+                   "number (1-based) or 'auto'.")
             self.internal_layer = int(self.internal_layer)
         _check(not isinstance(self.internal_layer, int) or self.internal_layer >= 1,
                f"`internal_layer` must be 1 or more (K is 1-based), got {self.internal_layer}. Fix: pass a layer "
@@ -354,7 +366,8 @@ class TrainConfig:
         _check(0 <= self.clip_low < 1,
                f"`clip_low` must be in [0, 1), got {self.clip_low}. Fix: pass a value such as 0.2 (the usual PPO clip).")
         _check(0 < self.top_p <= 1,
-               f"`top_p` must be in (0, 1], got {self.top_p}. Fix: pass a value above 0, at most 1 (1 = no nucleus cut).")
+               f"`top_p` must be in (0, 1], got {self.top_p}. Fix: pass a value above 0, at most 1 (1 = no nucleus "
+               "cut).")
         _check(0 < self.vllm_gpu_memory < 1,
                f"`vllm_gpu_memory` must be in (0, 1), got {self.vllm_gpu_memory}. Fix: pass the fraction of GPU memory "
                "vLLM may take, e.g. 0.3.")

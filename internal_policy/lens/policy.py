@@ -17,17 +17,15 @@ Ties are ordered by int64 keys (the logit's bits, then the id), so ``torch.topk`
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 from dataclasses import dataclass, field
 from typing import Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import NORM_MODES
+from ..config import NORM_MODES, is_number, is_whole
 
 NormMode = Literal["none", "final"]
 _EXP_FLOOR = -87.0
@@ -253,14 +251,6 @@ class Predictions:
     token_rank: Tensor
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
-
-
-def _is_whole(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
-
-
 @dataclass
 class PolicyHead:
     """Reads residual states as policies with the model's own unembedding.
@@ -296,16 +286,17 @@ class PolicyHead:
             raise ValueError(f"norm_mode must be one of {NORM_MODES}, got {self.norm_mode!r}")
         if self.norm_mode == "final" and self.final_norm is None:
             raise ValueError("norm_mode='final' needs the model's final norm")
-        if not (_is_number(self.temperature) and 0 < self.temperature < math.inf):
+        if not (is_number(self.temperature) and 0 < self.temperature < math.inf):
             raise ValueError(f"temperature must be a finite number above 0, got {self.temperature!r}")
-        if not (_is_number(self.logit_scale) and self.logit_scale != 0 and math.isfinite(self.logit_scale)):
+        if not (is_number(self.logit_scale) and self.logit_scale != 0 and math.isfinite(self.logit_scale)):
             raise ValueError(f"logit_scale must be a finite number other than 0, got {self.logit_scale!r}")
-        if self.logit_softcap is not None and not (_is_number(self.logit_softcap) and 0 < self.logit_softcap < math.inf):
+        softcap = self.logit_softcap
+        if softcap is not None and not (is_number(softcap) and 0 < softcap < math.inf):
             raise ValueError(f"logit_softcap must be None (no soft-capping) or a finite number above 0, got "
                              f"{self.logit_softcap!r}")
         for name in ("token_chunk", "vocab_block"):
             value = getattr(self, name)
-            if not (_is_whole(value) and value >= 1):
+            if not (is_whole(value) and value >= 1):
                 raise ValueError(f"{name} must be a whole number of at least 1, got {value!r}")
 
     @property
@@ -356,7 +347,7 @@ class PolicyHead:
         """The entropy of pi(x) for each row, its ``top_k`` most probable tokens, and the probability and rank of the
         row's ``target`` token, from one pass over the vocabulary blocks (no [N x vocab] tensor, no second matmul).
         states [N, d], targets [N] token ids -> ``Predictions`` on the CPU, with min(``top_k``, vocabulary) columns."""
-        if not (_is_whole(top_k) and top_k >= 1):
+        if not (is_whole(top_k) and top_k >= 1):
             raise ValueError(f"top_k must be a whole number of at least 1, got {top_k!r}")
         top_k = int(top_k)
         if targets.shape != states.shape[:1]:
