@@ -28,7 +28,9 @@ def _flag_without_type(self, ctx):
 
 class _OptionsTable(rich.table.Table):
     """Typer's options table with a switch's negative form (--no-autocast) under its positive one in the first column
-    instead of a column of its own, which on an 80-column terminal squeezed the flags and defaults into ellipses."""
+    instead of a column of its own, which on an 80-column terminal squeezed the flags and defaults into ellipses. On a
+    narrow terminal no flag is cut (its column is as wide as the longest), and a long default folds onto the next line
+    instead of ending in an ellipsis."""
 
     def add_row(self, *cells, **kwargs):
         if len(cells) < 6:  # the commands panel: name and description
@@ -36,7 +38,11 @@ class _OptionsTable(rich.table.Table):
         *required, long, short, negative, negative_short, kind, help_text = cells
         if str(negative):
             long = rich.text.Text.assemble(long, "\n", negative)
-        return super().add_row(*required, long, short, negative_short, kind, help_text, **kwargs)
+        for part in getattr(help_text, "renderables", [help_text]):  # a word wider than the column folds, not cut
+            if isinstance(part, rich.text.Text):
+                part.overflow = "fold"
+        super().add_row(*required, long, short, negative_short, kind, help_text, **kwargs)
+        self.columns[len(required)].no_wrap = True  # Typer's columns appear with the first row
 
 
 def _one_line_usage_error(error) -> None:

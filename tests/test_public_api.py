@@ -209,7 +209,7 @@ def test_a_result_presents_itself_in_one_line_and_a_compact_notebook_cell(tiny_l
     assert page._repr_html_().startswith("<iframe srcdoc=") and "&lt;script" in page._repr_html_()
 
 
-def test_help_reads_whole_on_an_80_column_terminal():
+def test_help_reads_whole_on_an_80_and_a_60_column_terminal():
     """Every --help on a common 80-column terminal: no link folded or cut with an ellipsis (a link must stay whole to
     be opened), and no line break left from the docstring in the middle of a sentence (rich wraps each paragraph)."""
     import typer.main
@@ -231,3 +231,8 @@ def test_help_reads_whole_on_an_80_column_terminal():
     assert seen == whole  # every link is shown somewhere
     for name, command in commands.items():
         assert not re.search(r"[^\n]\n[^\n]", command.help), name
+        # on a narrow (60-column) terminal too, every flag is shown whole and no word of its help is cut
+        narrow = CliRunner().invoke(app, [name, "--help"], env={"COLUMNS": "60", "TERMINAL_WIDTH": "60"}).output
+        assert "…" not in narrow, name
+        flags = {flag for parameter in command.params for flag in parameter.opts if flag.startswith("--")}
+        assert flags <= set(re.findall(r"--[\w-]+", narrow)), (name, flags - set(re.findall(r"--[\w-]+", narrow)))
