@@ -223,7 +223,8 @@ class EntropyConfig:
                                       "layer k against every higher layer j.")
     top_k: int = option(5, "What each internal policy predicts: its K most probable tokens, and the probability and "
                         "rank of the token the response continues with, for every analysed token and state "
-                        "(predictions.parquet; the view's hover). 0: entropies only, about 1.2x faster in exact mode.")
+                        "(predictions.parquet; the view's hover). 0: entropies only (predictions cost 6-27 % of the time "
+                        "in exact mode, by machine: the guide's Performance page).")
     dtype: str = option("auto", "Model dtype: auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16, "
                         "float64.")
     device: str = option("auto", "cpu, cuda, cuda:N, or auto.")

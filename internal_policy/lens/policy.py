@@ -57,17 +57,21 @@ def _order_keys(values: Tensor, ids: Tensor) -> Tensor:
     return (ordered << 32) | (2**31 - 1 - ids)
 
 
-def block_candidates(z: Tensor, k: int) -> tuple[Tensor, Candidates]:
+def block_candidates(z: Tensor, k: int, out: Tensor | None = None) -> tuple[Tensor, Candidates]:
     """The block's largest logit [n] and its k best groups of ``_GROUP`` adjacent columns (block-relative ids).
-    Blocks that do not split into more than k groups are searched column by column (groups of one)."""
+    Blocks that do not split into more than k groups are searched column by column (groups of one). ``out``: a
+    float32 [n, k, _GROUP] buffer that receives the groups' logits (and is their ``logits``), or None."""
     n, v = z.shape
     width = _GROUP if v % _GROUP == 0 and v // _GROUP > k else 1
     groups = z.view(n, v // width, width)
     best = groups.amax(dim=-1) if width > 1 else z
-    return best.amax(dim=-1), _best_groups(groups, best, k)
+    found = _best_groups(groups, best, k, out)
+    if out is not None and found.logits.data_ptr() != out.data_ptr():
+        found.logits = out.copy_(found.logits)
+    return best.amax(dim=-1), found
 
 
-def _best_groups(groups: Tensor, best: Tensor, k: int) -> Candidates:
+def _best_groups(groups: Tensor, best: Tensor, k: int, out: Tensor | None = None) -> Candidates:
     """The k best of a block's groups [n, g, w] by their largest logit ``best`` [n, g], then by position. A top-k
     token of the block lies in them: a group outside holds nothing above the k-th group's best, and the k groups
     hold k tokens at least that high. Eagerly, ``torch.topk`` of the maxima decides every row without a tie at the
@@ -83,7 +87,8 @@ def _best_groups(groups: Tensor, best: Tensor, k: int) -> Candidates:
         if len(tied):
             chosen[tied] = torch.topk(_order_keys(best[tied], position.expand(len(tied), g)), k, dim=-1).indices
     rows = torch.arange(n, device=groups.device)[:, None] * g  # whole groups copied by row: faster than a gather
-    logits = groups.reshape(n * g, width).index_select(0, (rows + chosen).flatten()).view(n, -1, width)
+    into = out.view(n * k, width) if out is not None and width == _GROUP and g > k else None
+    logits = torch.index_select(groups.reshape(n * g, width), 0, (rows + chosen).flatten(), out=into).view(n, -1, width)
     if width < _GROUP:
         logits = F.pad(logits, (0, _GROUP - width), value=-torch.inf)
     found = Candidates(best.gather(1, chosen), chosen * width, torch.full_like(chosen, width), logits)
@@ -97,14 +102,21 @@ def _pad_candidates(found: Candidates, k: int) -> Candidates:
                       F.pad(found.width, (0, missing)), F.pad(found.logits, (0, 0, 0, missing), value=-torch.inf))
 
 
-def merge_candidates(parts: list[Candidates], k: int) -> Candidates:
+def merge_candidates(parts: list[Candidates], k: int, held: Tensor | None = None) -> Candidates:
     """The k best groups among ``parts`` (whose ``start`` are token ids), by the same order: a top-k token of the
-    union lies in one of the k best groups of its own part, hence among these."""
-    best, start, width, logits = (torch.cat(x, dim=1) for x in zip(*((p.best, p.start, p.width, p.logits) for p in parts)))
+    union lies in one of the k best groups of its own part, hence among these. ``held`` [>= len(parts), n, k,
+    _GROUP]: the buffer whose i-th slice is part i's ``logits`` (the chosen groups are then copied out of it, not out
+    of a concatenation of every part's), or None."""
+    best, start, width = (torch.cat(x, dim=1) for x in zip(*((p.best, p.start, p.width) for p in parts)))
     keys = torch.where(width > 0, _order_keys(best, start), _NO_KEY)
-    chosen = torch.topk(keys, k, dim=-1).indices
-    return Candidates(best.gather(1, chosen), start.gather(1, chosen), width.gather(1, chosen),
-                      logits.gather(1, chosen[:, :, None].expand(-1, -1, _GROUP)))
+    chosen = torch.topk(keys, k, dim=-1).indices  # [n, k] in 0 .. len(parts) * k - 1
+    if held is None:
+        held = torch.stack([p.logits for p in parts])
+    n = chosen.shape[0]
+    part, slot = chosen.div(k, rounding_mode="floor"), chosen.remainder(k)
+    flat = (part * n + torch.arange(n, device=chosen.device)[:, None]) * k + slot  # into held [parts, n, k]
+    logits = held.view(-1, _GROUP).index_select(0, flat.flatten()).view(n, k, _GROUP)
+    return Candidates(best.gather(1, chosen), start.gather(1, chosen), width.gather(1, chosen), logits)
 
 
 def top_tokens(found: Candidates, k: int) -> tuple[Tensor, Tensor]:
@@ -118,11 +130,12 @@ def top_tokens(found: Candidates, k: int) -> tuple[Tensor, Tensor]:
 
 
 def block_predictions(z: Tensor, top_k: int, low: Tensor, above_high: Tensor, target_col: Tensor,
-                      scratch: Tensor | None = None) -> tuple[Tensor, Candidates, Tensor]:
+                      scratch: Tensor | None = None, groups_out: Tensor | None = None) -> tuple[Tensor, Candidates, Tensor]:
     """What one vocabulary block adds to a policy's predictions, read before the block is overwritten. z [n, v]: its
     logits (transformed, float32); a logit equals the sampled token's within the rounding when it lies in
     [low, above_high) [n]; target_col [n]: the sampled token's column in this block (outside 0..v-1 when it lies in
-    another block); ``scratch``: a float32 buffer of z's shape, or None. Returns the block's largest logit [n], its
+    another block); ``scratch``: a float32 buffer of z's shape, or None; ``groups_out``: ``block_candidates``'s
+    ``out``. Returns the block's largest logit [n], its
     ``block_candidates``, and per row how many of its tokens outrank the sampled one [n]: a logit of at least
     ``above_high``, or one of at least ``low`` with a lower id.
 
@@ -131,7 +144,7 @@ def block_predictions(z: Tensor, top_k: int, low: Tensor, above_high: Tensor, ta
     counted again by the rule as written (``_count_by_the_rule``). Compiled (fast mode's fold), the rule is one
     fused pass over every row."""
     v = z.shape[1]
-    block_max, found = block_candidates(z, top_k)
+    block_max, found = block_candidates(z, top_k, groups_out)
     if torch.compiler.is_compiling():
         column = torch.arange(v, device=z.device)
         return block_max, found, ((z >= above_high[:, None])
@@ -168,13 +181,14 @@ def _count_at_least(z: Tensor, threshold: Tensor, scratch: Tensor | None = None)
 
 def fold_block(z: Tensor, running_max: Tensor, bias: Tensor | None = None, scale: float | Tensor = 1.0,
                exp_out: Tensor | None = None, softcap: float | None = None, top_k: int = 0,
-               low: Tensor | None = None, above_high: Tensor | None = None, target_col: Tensor | None = None):
+               low: Tensor | None = None, above_high: Tensor | None = None, target_col: Tensor | None = None,
+               groups_out: Tensor | None = None):
     """One vocabulary block of the streamed entropy. z [n, v] matmul output (any float dtype), logits = (z + bias)
     * scale, or softcap * tanh((z + bias) / softcap) * scale (scale: a float, or a 0-d float32 tensor); running_max [n]
     float32. Returns the new max m [n] and, relative to it, S = sum_j e_j and T = sum_j e_j (l_j - m) with
     e_j = exp(max(l_j - m, -87)), all float32; and with ``top_k``, what the block adds to the predictions (else None):
-    its ``block_candidates`` for the top-k, and per row how many of its tokens outrank the sampled one
-    (``block_predictions``).
+    its ``block_candidates`` for the top-k (their logits written into ``groups_out`` when given), and per row how many
+    of its tokens outrank the sampled one (``block_predictions``).
 
     Exact mode calls it eagerly on a float32 z, which it overwrites, with ``exp_out`` a reused float32 buffer of z's
     shape: no large tensor is allocated per block. Fast mode runs it compiled on a bf16 z (torch.compile fuses it
@@ -190,7 +204,7 @@ def fold_block(z: Tensor, running_max: Tensor, bias: Tensor | None = None, scale
         z *= scale
     picked = None
     if top_k:  # before the block is overwritten; the groups' maxima give the block's maximum too
-        block_max, found, above = block_predictions(z, top_k, low, above_high, target_col, scratch=exp_out)
+        block_max, found, above = block_predictions(z, top_k, low, above_high, target_col, exp_out, groups_out)
         picked = found, above
     else:
         block_max = z.amax(dim=-1)
@@ -416,7 +430,8 @@ class PolicyHead:
         key = (name, dtype, device)
         buffer = self._scratch_cache.get(key)
         if buffer is None or buffer.numel() < rows * cols:
-            buffer = self._scratch_cache[key] = torch.empty(self.token_chunk * self.vocab_block, dtype=dtype, device=device)
+            size = max(rows * cols, self.token_chunk * self.vocab_block)
+            buffer = self._scratch_cache[key] = torch.empty(size, dtype=dtype, device=device)
         return buffer[: rows * cols].view(rows, cols)
 
     def _entropy_chunk(self, x: Tensor, weight: Tensor, bias: Tensor | None, top_k: int = 0,
@@ -436,6 +451,10 @@ class PolicyHead:
             low, high = target_logit - tolerance, target_logit + tolerance
             above_high = torch.nextafter(high, torch.full_like(high, torch.inf))  # z > high  <=>  z >= above_high
             candidates: list[Candidates] = []
+            # every block's chosen groups go into one buffer, merged from there: no concatenation of their logits
+            parts = min(_MERGE_EVERY, -(-weight.shape[0] // self.vocab_block))
+            held = self._scratch("groups", parts * n * top_k, _GROUP, torch.float32, x.device).view(
+                parts, n, top_k, _GROUP)
             outranked = torch.zeros(n, dtype=torch.long, device=x.device)
         for start in range(0, weight.shape[0], self.vocab_block):
             block = weight[start : start + self.vocab_block]
@@ -445,14 +464,19 @@ class PolicyHead:
             exp_out = None if self.fast else self._scratch("e", n, block.shape[0], torch.float32, x.device)
             new_max, block_sum, block_sum_z, picked = fold(
                 z, running_max, block_bias, scale, exp_out, self.logit_softcap,
-                **(dict(top_k=top_k, low=low, above_high=above_high, target_col=targets - start)
+                **(dict(top_k=top_k, low=low, above_high=above_high, target_col=targets - start,
+                        **({} if self.fast else dict(groups_out=held[len(candidates)])))
                    if top_k else {}))
             if top_k:
                 found, above = picked
+                if self.fast:  # the compiled fold returns its groups' logits; held keeps them for the merge
+                    found.logits = held[len(candidates)].copy_(found.logits)
                 found.start += start
                 candidates.append(found)
-                if len(candidates) == _MERGE_EVERY:  # bounds the memory for large vocabularies
-                    candidates = [merge_candidates(candidates, top_k)]
+                if len(candidates) == parts and start + self.vocab_block < weight.shape[0]:  # more blocks to come
+                    merged = merge_candidates(candidates, top_k, held)
+                    merged.logits = held[0].copy_(merged.logits)
+                    candidates = [merged]
                 outranked += above
             # Re-express the running sums relative to the new max: e_old' = e_old * c and z' = z - shift.
             shift = new_max - running_max  # >= 0; inf on the first block, where the sums are still zero
@@ -463,7 +487,7 @@ class PolicyHead:
         entropy = torch.log(sum_exp) - sum_exp_z / sum_exp
         if not top_k:
             return (entropy,)
-        top_logits, top_ids = top_tokens(merge_candidates(candidates, top_k), top_k)
+        top_logits, top_ids = top_tokens(merge_candidates(candidates, top_k, held), top_k)
         return entropy, running_max + torch.log(sum_exp), top_logits, top_ids, target_logit, outranked + 1
 
     def _transform(self, z: Tensor) -> Tensor:
