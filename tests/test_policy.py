@@ -267,3 +267,25 @@ def test_fast_mode_compiles_its_fold_once_for_every_temperature():
         logits = (states.bfloat16() @ unembed.weight.detach().bfloat16().T).double() + unembed.bias.detach().double()
         assert torch.allclose(got.entropy.double(), plain_entropy(logits / temperature), atol=2e-4)
     assert counters["stats"]["unique_graphs"] == compiled
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_a_soft_capped_policy_ranks_tokens_by_their_capped_logits_not_a_band_taken_before_the_cap(fast):
+    """The rounding within which a logit counts as equal to the sampled one is of the logit before the soft cap; after
+    it the same interval is narrower. Ten tokens whose logit before a cap of 3 is 6 (capped 2.89) and the sampled one
+    at 40 (capped 3.00, the most probable): its rank is 1, in both modes. Taking the raw bf16 step (0.31) as the band
+    after the cap made all ten tie with it, and the most probable token ranked 11th (in exact mode too, for a state
+    of large norm: the same head with d = 4096 and |x| = 5000 below)."""
+    unembed = nn.Linear(1, 11, bias=False)
+    with torch.no_grad():
+        unembed.weight[:10, 0], unembed.weight[10, 0] = 6.0, 40.0
+    got = PolicyHead(unembed, logit_softcap=3.0, fast=fast).predictions(torch.ones(1, 1), torch.tensor([10]), 3)
+    assert got.top_ids[0].tolist() == [10, 0, 1] and int(got.token_rank[0]) == 1
+    wide = nn.Linear(4096, 11, bias=False)
+    with torch.no_grad():
+        wide.weight.zero_()
+        wide.weight[:10, 0], wide.weight[10, 0], wide.weight[10, 1] = 80 / 5000, 90 / 5000, 3.0
+    state = torch.zeros(1, 4096)
+    state[0, 0] = 5000.0  # raw logits 80 (capped 29.71) and 90 (capped 29.85): 0.14 apart, far beyond any rounding
+    got = PolicyHead(wide, logit_softcap=30.0, fast=fast).predictions(state, torch.tensor([10]), 3)
+    assert got.top_ids[0, 0] == 10 and int(got.token_rank[0]) == 1

@@ -391,11 +391,13 @@ class PolicyHead:
             found.token_rank[undefined] = 0
         return Predictions(*(value.cpu() for value in vars(found).values()))
 
-    def _target_logits(self, x: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor) -> tuple[Tensor, Tensor]:
-        """The logit of each row's target token, transformed as the blocks' are [n] float32, and the rounding within
-        which a block's logit counts as equal to it [n]. The dot product sums in another order than the matmul's: they
-        agree to about sqrt(d) float32 roundings of |x| |u_t|; in fast mode both are then rounded to bf16, one
-        bf16 step apart at most."""
+    def _target_logits(self, x: Tensor, weight: Tensor, bias: Tensor | None,
+                       targets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The logit of each row's target token, transformed as the blocks' are [n] float32, and the interval
+        [low, high] [n] within which a block's logit counts as equal to it. The dot product sums in another order than
+        the matmul's: they agree to about sqrt(d) float32 roundings of |x| |u_t|; in fast mode both are then rounded to
+        bf16, one bf16 step apart at most. That interval of the raw logit is carried through the transform (soft-capping
+        shrinks it with the logit), and the transform's own roundings are added."""
         eps = torch.finfo(torch.float32).eps
         rows = weight[targets].float()
         raw = (x.float() * rows).sum(-1)
@@ -405,9 +407,11 @@ class PolicyHead:
             raw = raw.to(x.dtype).float()
             tolerance = tolerance + raw.abs() * 2.0 ** -7
         z = raw if bias is None else raw + bias[targets]
+        tolerance = tolerance + eps * z.abs()  # adding the bias rounds once more, in the block as here
         target = self._transform(z)
-        # adding the bias and the transform each round once more, in the block as here
-        return target, (tolerance + eps * z.abs()) * abs(self.logit_scale / self.temperature) + 4 * eps * target.abs()
+        ends = torch.stack([self._transform(z - tolerance), self._transform(z + tolerance)])
+        rounding = 4 * eps * ends.abs().amax(dim=0)  # the transform's roundings (a negative logit scale reverses it)
+        return target, ends.amin(dim=0) - rounding, ends.amax(dim=0) + rounding
 
     def _matmul_weights(self) -> tuple[Tensor, Tensor | None]:
         """U's weight and bias in the matmul dtype (float32, or bfloat16 when fast), cached until U changes."""
@@ -447,8 +451,7 @@ class PolicyHead:
         if self.fast:  # a tensor is an input of the compiled fold; a float would be compiled in, once per temperature
             scale = torch.tensor(scale, dtype=torch.float32, device=x.device)
         if top_k:
-            target_logit, tolerance = self._target_logits(x, weight, bias, targets)
-            low, high = target_logit - tolerance, target_logit + tolerance
+            target_logit, low, high = self._target_logits(x, weight, bias, targets)
             above_high = torch.nextafter(high, torch.full_like(high, torch.inf))  # z > high  <=>  z >= above_high
             candidates: list[Candidates] = []
             # every block's chosen groups go into one buffer, merged from there: no concatenation of their logits
