@@ -29,8 +29,8 @@ def _flag_without_type(self, ctx):
 class _OptionsTable(rich.table.Table):
     """Typer's options table with a switch's negative form (--no-autocast) under its positive one in the first column
     instead of a column of its own, which on an 80-column terminal squeezed the flags and defaults into ellipses. On a
-    narrow terminal no flag is cut (its column is as wide as the longest), and a long default folds onto the next line
-    instead of ending in an ellipsis."""
+    narrow terminal no flag is cut (its column does not wrap), and a word of help wider than its column (a long default)
+    folds onto the next line instead of ending in an ellipsis."""
 
     def add_row(self, *cells, **kwargs):
         if len(cells) < 6:  # the commands panel: name and description

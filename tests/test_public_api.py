@@ -211,7 +211,8 @@ def test_a_result_presents_itself_in_one_line_and_a_compact_notebook_cell(tiny_l
 
 def test_help_reads_whole_on_an_80_and_a_60_column_terminal():
     """Every --help on a common 80-column terminal: no link folded or cut with an ellipsis (a link must stay whole to
-    be opened), and no line break left from the docstring in the middle of a sentence (rich wraps each paragraph)."""
+    be opened), and no line break left from the docstring in the middle of a sentence (rich wraps each paragraph). On a
+    60-column one, every flag whole and nothing cut with an ellipsis."""
     import typer.main
     from typer.testing import CliRunner
 

@@ -102,16 +102,14 @@ def _pad_candidates(found: Candidates, k: int) -> Candidates:
                       F.pad(found.width, (0, missing)), F.pad(found.logits, (0, 0, 0, missing), value=-torch.inf))
 
 
-def merge_candidates(parts: list[Candidates], k: int, held: Tensor | None = None) -> Candidates:
+def merge_candidates(parts: list[Candidates], k: int, held: Tensor) -> Candidates:
     """The k best groups among ``parts`` (whose ``start`` are token ids), by the same order: a top-k token of the
     union lies in one of the k best groups of its own part, hence among these. ``held`` [>= len(parts), n, k,
-    _GROUP]: the buffer whose i-th slice is part i's ``logits`` (the chosen groups are then copied out of it, not out
-    of a concatenation of every part's), or None."""
+    _GROUP]: the buffer whose i-th slice is part i's ``logits``; the chosen groups are copied out of it (no
+    concatenation of every part's logits)."""
     best, start, width = (torch.cat(x, dim=1) for x in zip(*((p.best, p.start, p.width) for p in parts)))
     keys = torch.where(width > 0, _order_keys(best, start), _NO_KEY)
     chosen = torch.topk(keys, k, dim=-1).indices  # [n, k] in 0 .. len(parts) * k - 1
-    if held is None:
-        held = torch.stack([p.logits for p in parts])
     n = chosen.shape[0]
     part, slot = chosen.div(k, rounding_mode="floor"), chosen.remainder(k)
     flat = (part * n + torch.arange(n, device=chosen.device)[:, None]) * k + slot  # into held [parts, n, k]
@@ -135,9 +133,8 @@ def block_predictions(z: Tensor, top_k: int, low: Tensor, above_high: Tensor, ta
     logits (transformed, float32); a logit equals the sampled token's within the rounding when it lies in
     [low, above_high) [n]; target_col [n]: the sampled token's column in this block (outside 0..v-1 when it lies in
     another block); ``scratch``: a float32 buffer of z's shape, or None; ``groups_out``: ``block_candidates``'s
-    ``out``. Returns the block's largest logit [n], its
-    ``block_candidates``, and per row how many of its tokens outrank the sampled one [n]: a logit of at least
-    ``above_high``, or one of at least ``low`` with a lower id.
+    ``out``. Returns the block's largest logit [n], its ``block_candidates``, and per row how many of its tokens
+    outrank the sampled one [n]: a logit of at least ``above_high``, or one of at least ``low`` with a lower id.
 
     Every column of a block before the sampled token's has a lower id, and none after it: those rows need one count
     against a per-row threshold (``low``, or ``above_high``). The rows whose sampled token lies in the block are
