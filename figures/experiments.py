@@ -26,7 +26,7 @@ held-out problems (n = 4, 32 tokens).
            bounds): 40 min for a 30-step run (2428 s of steps; 41-59 s a step while the CPU was free) and 32 min
            for an evaluation (6400 responses); a seed is 3 runs and 4 evaluations.
 * paper-ratio-summary: experiments.json's ``paper_ratio`` from the kept evaluations alone (the complete seeds; while
-           none is, every finished evaluation's means).
+           none is, every finished evaluation's means), its figure, and the Results page's tables (printed last).
 * paper-ratio-dynamics: seed 1 of each method, a checkpoint every 3 steps: internal policy entropy of every checkpoint
            in both norm modes, the refinement of the internal layer, and the figures (figures/paper-ratio/).
 
@@ -301,6 +301,32 @@ def paper_ratio_figures(result: dict, out: Path) -> list[Path]:
     return save_figure(pass_at_k_bands(pd.DataFrame(rows), title), out / "paper_ratio_pass_at_k", ("png", "pdf"))
 
 
+def paper_ratio_markdown(result: dict) -> str:
+    """The Results page's tables of ``result`` (``paper_ratio_summary``'s): per method the mean of Avg@n and pass@k over
+    seeds and problems with its 95 % bootstrap interval, then every paired difference with its interval and the
+    seed-level sign-flip p. Numbers to 3 decimals, signed for differences."""
+    if not result["seeds"]:
+        return ""
+    minus = "\u2212"  # the typographic minus of the Results page
+    control = f"grpo-{result['T'] - result['S']}"
+    names = {"grpo": f"GRPO, T = {result['T']}", control: f"GRPO, T {minus} S = {result['T'] - result['S']}",
+             **{f"bupo-k{k}": f"BuPO K = {k}, S = {result['S']}" for k in result["K"]}}  # in the table's row order
+    metrics = [f"avg@{result['n']}", *(m for m in result["base"] if m.startswith("pass@") and m != "pass@1")]
+
+    def cell(v: list[float], sign: str = "") -> str:
+        return f"{v[0]:{sign}.3f} [{v[1]:{sign}.3f}, {v[2]:{sign}.3f}]".replace("-", minus)
+
+    head = "| | " + " | ".join(m.replace("avg", "Avg") for m in metrics) + " |\n|" + " --- |" * (len(metrics) + 1)
+    rows = ["| base model | " + " | ".join(cell(result["base"][m]) for m in metrics) + " |"]
+    rows += [f"| {names[n]} | " + " | ".join(cell(result["methods"][n][m]["mean"]) for m in metrics) + " |"
+             for n in names]
+    diffs = [f"| {f' {minus} '.join(names[n] for n in label.split(' - '))} | "
+             + " | ".join(cell(d[m]["bootstrap"], "+") + (f", p = {d[m]['seed_test']['sign_flip_p']:.3g}"
+                                                          if d[m]["seed_test"] else "") for m in metrics) + " |"
+             for label, d in result["differences"].items()]
+    return "\n".join([head, *rows, "", head.replace("| |", "| paired (same seed, same problems) |", 1), *diffs])
+
+
 def paper_ratio_dynamics(runs: Path, figures_out: Path) -> dict:
     """Seed 1 of each method (a checkpoint every 3 steps; trained again where its checkpoints are gone): the internal
     policy entropy of the base model and every checkpoint on 16 held-out prompts with the base model's responses, in
@@ -359,6 +385,8 @@ def main() -> None:
         results["paper_ratio_dynamics"] = paper_ratio_dynamics(args.runs, args.out.parent)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
+    if args.stage in ("paper-ratio", "paper-ratio-summary", "all"):  # the Results page's tables, from these numbers
+        print(paper_ratio_markdown(results["paper_ratio"]))
 
 
 if __name__ == "__main__":
