@@ -1,7 +1,10 @@
 """GRPO vs BuPO on the embedded SmolLM2-135M-Instruct, on a CPU: every run, evaluation and interval of the README's
-Results, regenerated from scratch (and resumed: a finished run or evaluation is not redone).
+Results, regenerated (and resumed: a finished run or evaluation is not redone; the paper-ratio stage's finished
+evaluations are kept in the repository, figures/data/paper-ratio/, and reused: move it aside to redo them).
 
-    python figures/experiments.py [--stage learn|compare|sweep|all] [--seeds 5] [--runs runs/experiments]
+    python figures/experiments.py [--stage STAGE] [--seeds 5] [--runs runs/experiments] [--out experiments.json]
+
+STAGE: learn, compare, sweep, dynamics, seed-tests, paper-ratio, paper-ratio-summary, paper-ratio-dynamics or all.
 
 Task: the built-in ladder's one-digit addition and subtraction (``add-sub-1``; held-out problems ``add-sub-1:test``
 never seen in training), reward ``last-number``. Recipe (docs/definitions.md §4-5): lr 1e-5, 8 prompts x 8 responses x
@@ -22,9 +25,10 @@ held-out problems (n = 4, 32 tokens).
            mini-batches a step, ``--seeds`` seeds; every final checkpoint (and GRPO's step 27, the control with BuPO's
            full-policy budget) evaluated with n = 64 responses a problem: Avg@64 and pass@{1,4,16,64}. Each finished
            evaluation and run's metrics are kept in figures/data/paper-ratio/ (tracked), so the stage resumes on
-           another machine without the checkpoints. Cost measured here (2-core CPU, shared with other work, so upper
-           bounds): 40 min for a 30-step run (2428 s of steps; 41-59 s a step while the CPU was free) and 32 min
-           for an evaluation (6400 responses); a seed is 3 runs and 4 evaluations.
+           another machine without the checkpoints; ``protocol.json`` there records the settings they were made with,
+           and the stage refuses to add to them under others. Cost with the 2-core CPU free (seed 3): 13-14 min for
+           a 30-step run (756-801 s of steps) and 6-12 min for an evaluation (6400 responses); a seed is 3 runs and
+           4 evaluations, about 80 min.
 * paper-ratio-summary: experiments.json's ``paper_ratio`` from the kept evaluations alone (the complete seeds; while
            none is, every finished evaluation's means), its figure, and the Results page's tables (printed last).
 * paper-ratio-dynamics: seed 1 of each method, a checkpoint every 3 steps: internal policy entropy of every checkpoint
@@ -214,20 +218,60 @@ def prune(run: Path, keep: set[int]) -> None:
             shutil.rmtree(checkpoint)
 
 
+def paper_ratio_protocol(device: str) -> dict:
+    """What the kept paper-ratio results depend on: the stage's settings, the training recipe and where the numbers
+    were computed (``device``: "cpu" or "cuda", where ``dtype="auto"`` means float32 or bfloat16)."""
+    recipe = dict(RECIPE, data=PAPER_RATIO["task"], mini_batch_prompts=PAPER_RATIO["mini_batch_prompts"])
+    return {"paper_ratio": json.loads(json.dumps(PAPER_RATIO)), "recipe": recipe, "device": device}
+
+
+def check_protocol(device: str | None) -> None:
+    """Refuse to add to, or summarise, kept results made under another protocol (``KEPT/protocol.json``, written with
+    the first kept result); ``device=None`` (the summary) checks the settings only."""
+    path = KEPT / "protocol.json"
+    mine = paper_ratio_protocol(device or "cpu")
+    if not path.is_file():
+        KEPT.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(mine, indent=2) + "\n")
+        return
+    kept = json.loads(path.read_text())
+    changed = []
+    for section in ("paper_ratio", "recipe", *(("device",) if device else ())):
+        was, now = kept[section], mine[section]
+        if isinstance(was, dict):
+            changed += [f"{section}.{k} {json.dumps(was.get(k))} (now {json.dumps(now.get(k))})"
+                        for k in sorted(was | now) if was.get(k) != now.get(k)]
+        elif was != now:
+            changed.append(f"{section} {json.dumps(was)} (now {json.dumps(now)})")
+    if changed:
+        raise SystemExit(
+            f"error: the kept paper-ratio results in {KEPT} were made with {', '.join(changed)} ({path.name}); "
+            "adding to them would mix two protocols. Fix: restore those settings (on a GPU machine, "
+            "CUDA_VISIBLE_DEVICES= keeps the CPU's float32), or move the folder aside to start the experiment afresh.")
+
+
 def paper_ratio(runs: Path, seeds: int) -> dict:
     """Every run and evaluation of the paper-ratio stage, seed by seed (GRPO, then BuPO at each K, then the control),
     resumable, also on another machine: a run whose final evaluation is kept (``KEPT``) is not trained again. The GRPO
     run's checkpoint at step T - S is the control "GRPO with BuPO's full-policy budget" (a constant learning rate and
     a data order fixed by the seed make it exactly a (T - S)-step GRPO run). Returns ``paper_ratio_summary``."""
+    import torch
+
+    check_protocol("cuda" if torch.cuda.is_available() else "cpu")
     c = PAPER_RATIO
     root = runs / "paper-ratio"
     recipe = dict(RECIPE, data=c["task"], mini_batch_prompts=c["mini_batch_prompts"])
     control = c["steps"] - c["internal_steps"]
     for s in range(1, seeds + 1):
         for name, bupo in paper_ratio_methods().items():
-            if (KEPT / f"{name}-seed{s}" / "problems.csv").is_file() and (
-                    name != "grpo" or (KEPT / f"grpo-{control}-seed{s}" / "problems.csv").is_file()):
+            kept_control = (KEPT / f"grpo-{control}-seed{s}" / "problems.csv").is_file()
+            if (KEPT / f"{name}-seed{s}" / "problems.csv").is_file() and (name != "grpo" or kept_control):
                 continue
+            if name == "grpo" and not (root / f"grpo-seed{s}" / "checkpoints" / f"step-{control}").is_dir():
+                # the control must come from the run whose final checkpoint is evaluated: a kept final evaluation of
+                # a run that is gone here is made again from the run trained now
+                shutil.rmtree(KEPT / f"grpo-seed{s}", ignore_errors=True)
+                shutil.rmtree(root / "eval" / f"grpo-seed{s}", ignore_errors=True)
             run = train(root, f"{name}-seed{s}", c["steps"], seed=s, save_every=c["save_every"], recipe=recipe, **bupo)
             keep(run, KEPT / f"{name}-seed{s}", ["run.json", "metrics.jsonl"])
             evaluate_at_64(root, str(run / "checkpoints" / f"step-{c['steps']}"), f"{name}-seed{s}")
@@ -243,6 +287,7 @@ def paper_ratio_summary(seeds: int) -> dict:
     """The numbers of experiments.json's ``paper_ratio`` from the kept evaluations: every method over the seeds in
     1..``seeds`` that are complete (all methods and the control evaluated), pass@k and Avg@64 with bootstrap intervals
     over seeds and problems, the paired differences with a seed-level test; ``complete`` says whether all were there."""
+    check_protocol(None)
     c = PAPER_RATIO
     control = c["steps"] - c["internal_steps"]
     names = [*paper_ratio_methods(), f"grpo-{control}"]
@@ -283,22 +328,40 @@ def paper_ratio_summary(seeds: int) -> dict:
 
 
 def paper_ratio_figures(result: dict, out: Path) -> list[Path]:
-    """figures/paper_ratio_pass_at_k.{png,pdf}: pass@k against k per method with its bootstrap band (Fig. 6's view);
-    none while no seed is complete."""
+    """figures/paper_ratio_pass_at_k.{png,pdf}: pass@k against k per method with its bootstrap band (Fig. 6's view),
+    and beside it each BuPO's paired difference to GRPO against k (same seeds, same problems) with its band; none
+    while no seed is complete."""
     if not result["seeds"]:
         return []
+    import matplotlib.pyplot as plt
+
     from internal_policy.figures import pass_at_k_bands, save_figure
 
-    names = {"base": "base model", "grpo": "GRPO, T = 30", f"grpo-{result['T'] - result['S']}": "GRPO, T - S = 27",
+    control = f"grpo-{result['T'] - result['S']}"
+    names = {"base": "base model", "grpo": f"GRPO, T = {result['T']}", control: f"GRPO, T \u2212 S = {control[5:]}",
              **{f"bupo-k{k}": f"BuPO K = {k}, S = {result['S']}" for k in result["K"]}}
+    colors = dict(zip(names.values(), ["0.45", "#0072B2", "#56B4E9", "#D55E00", "#CC79A7"]))
+    styles = {name: {"color": color} for name, color in colors.items()}
+    styles[names[control]].update(linestyle="--", marker="s")  # it lies on GRPO's line: dashed, so both show
     rows = [{"method": "base model", "k": int(m[5:]), "mean": v[0], "low": v[1], "high": v[2]}
             for m, v in result["base"].items() if m.startswith("pass@")]
     rows += [{"method": names[name], "k": int(m[5:]), "mean": v["mean"][0], "low": v["mean"][1], "high": v["mean"][2]}
-             for name, values in result["methods"].items() for m, v in values.items() if m.startswith("pass@")]
-    title = (f"{result['task']}: pass@k on {result['held_out_problems']} held-out problems, n = {result['n']}, "
-             f"{result['seeds']} seed{'s' if result['seeds'] > 1 else ''}"
-             f"{'' if result['complete'] else ' (of ' + str(result['seeds_planned']) + ': interim)'}")
-    return save_figure(pass_at_k_bands(pd.DataFrame(rows), title), out / "paper_ratio_pass_at_k", ("png", "pdf"))
+             for name in names if name != "base" for m, v in result["methods"][name].items() if m.startswith("pass@")]
+    differences = [{"method": f"{names[name]} \u2212 GRPO", "k": int(m[5:]), "mean": v["bootstrap"][0],
+                    "low": v["bootstrap"][1], "high": v["bootstrap"][2]}
+                   for name in names if name.startswith("bupo")
+                   for m, v in result["differences"][f"{name} - grpo"].items() if m.startswith("pass@")]
+    seeds = f"{result['seeds']} seed{'s' if result['seeds'] > 1 else ''}"
+    interim = "" if result["complete"] else f" of {result['seeds_planned']} (interim)"
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11.0, 4.2))
+    pass_at_k_bands(pd.DataFrame(rows), "pass@k per method", ax=left, styles=styles)
+    pass_at_k_bands(pd.DataFrame(differences), "paired with GRPO (same seeds, same problems)", ax=right,
+                    ylabel="difference in pass@k",
+                    styles={f"{names[n]} \u2212 GRPO": {"color": colors[names[n]]} for n in names if n.startswith("bupo")})
+    fig.suptitle(f"{result['task']}: {result['held_out_problems']} held-out problems, n = {result['n']}, "
+                 f"{seeds}{interim}; bands: 95 % bootstrap intervals over seeds and problems", fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, out / "paper_ratio_pass_at_k", ("png", "pdf"))
 
 
 def paper_ratio_markdown(result: dict) -> str:

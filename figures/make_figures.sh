@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Regenerates every figure in figures/ and every number of the README's Results from scratch, on a 2-core CPU (about
-# 2.5 hours, plus about 7 for the paper-ratio stage, whose finished evaluations figures/data/ keeps; resumable: rerun it after an interruption and finished runs, evaluations and analyses are kept). From the
-# project root, after `make venv`. Runs go to runs/ (not committed; about 12 GB); figures and experiments.json to
-# figures/.
+# Regenerates every figure in figures/ and every number of the README's Results on a 2-core CPU: from scratch (about
+# 2.5 hours), except the paper-ratio stage (about 7 hours of free CPU), which reuses the finished evaluations kept in
+# figures/data/paper-ratio/ (move that folder aside to redo them too). Resumable: rerun it after an interruption and
+# finished runs, evaluations and analyses are kept. From the project root, after `make venv`. Runs go to runs/ (not
+# committed; about 12 GB); figures and experiments.json to figures/.
 set -euo pipefail
 B=.venv/bin
 R=${RUNS:-runs/figures}

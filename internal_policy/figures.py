@@ -261,19 +261,25 @@ def pass_at_k_curves(problems: pd.DataFrame):
 
 
 @_styled
-def pass_at_k_bands(table: pd.DataFrame, title: str = ""):
+def pass_at_k_bands(table: pd.DataFrame, title: str = "", ax=None, ylabel: str = "pass@k",
+                    styles: dict[str, dict] | None = None):
     """The paper's Fig. 6 view with intervals: mean pass@k against k (log scale) per method, each with its band.
     ``table``: one row per (method, k) with ``mean``, ``low`` and ``high`` (e.g. a bootstrap interval over seeds and
-    problems)."""
-    fig, ax = plt.subplots(figsize=(6.0, 4.0))
+    problems); differences work too (``ylabel``; a line at zero when a band crosses it). ``ax``: draw there instead of
+    a new figure. ``styles``: per method, keyword arguments of its line (``color``, ``linestyle``, ``marker``); by
+    default the colorblind palette in table order, with dots."""
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(6.0, 4.0))
     palette = sns.color_palette("colorblind", n_colors=table["method"].nunique())
     for color, (method, rows) in zip(palette, table.groupby("method", sort=False)):
         rows = rows.sort_values("k")
-        ax.plot(rows["k"], rows["mean"], marker="o", color=color, label=method)
-        ax.fill_between(rows["k"], rows["low"], rows["high"], color=color, alpha=0.15, linewidth=0)
+        style = {"color": color, "marker": "o", **(styles or {}).get(method, {})}
+        ax.plot(rows["k"], rows["mean"], label=method, **style)
+        ax.fill_between(rows["k"], rows["low"], rows["high"], color=style["color"], alpha=0.15, linewidth=0)
+    if table["low"].min() < 0 < table["high"].max():
+        ax.axhline(0, color="0.5", linewidth=0.8, zorder=0)
     ax.set_xscale("log", base=2)
     ax.set_xticks(sorted(table["k"].unique()), [str(k) for k in sorted(table["k"].unique())])
-    ax.set(xlabel="k", ylabel="pass@k", title=title or "pass@k (bands: 95 % intervals)")
+    ax.set(xlabel="k", ylabel=ylabel, title=title or f"{ylabel} (bands: 95 % intervals)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig

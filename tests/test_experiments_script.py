@@ -3,6 +3,9 @@
 import importlib.util
 from pathlib import Path
 
+import pytest
+import torch
+
 spec = importlib.util.spec_from_file_location("experiments", Path(__file__).parents[1] / "figures" / "experiments.py")
 experiments = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(experiments)
@@ -29,7 +32,92 @@ def test_the_paper_ratio_tables_put_each_methods_numbers_on_its_own_row_with_sig
     assert row["BuPO K = 15, S = 3"].endswith("| 0.504 [0.400, 0.600] |")  # pass@64, the last column
     assert row["BuPO K = 5, S = 3 \u2212 GRPO, T = 30"].startswith(
         "| BuPO K = 5, S = 3 \u2212 GRPO, T = 30 | \u22120.100 [\u22120.250, +0.013], p = 0.0625 |")
-    assert row["GRPO, T = 30 \u2212 GRPO, T \u2212 S = 27"].split(" | ")[1] == "+0.050 [\u22120.250, +0.013], p = 0.0625"
+    control = row["GRPO, T = 30 \u2212 GRPO, T \u2212 S = 27"]
+    assert control.split(" | ")[1] == "+0.050 [\u22120.250, +0.013], p = 0.0625"
     assert [line.split(" | ")[0] for line in lines[2:7]] == [  # the methods in the Results page's order
         "| base model", "| GRPO, T = 30", "| GRPO, T \u2212 S = 27", "| BuPO K = 5, S = 3", "| BuPO K = 15, S = 3"]
     assert experiments.paper_ratio_markdown({"seeds": 0}) == ""
+
+
+def fake_stage(tmp_path, monkeypatch):
+    """The paper-ratio stage with training and evaluation replaced by records of what it asked for: a run is a folder
+    of checkpoints, an evaluation a problems.csv naming the checkpoint it scored."""
+    kept, root, asked = tmp_path / "kept", tmp_path / "runs", []
+    monkeypatch.setattr(experiments, "KEPT", kept)
+
+    def train(runs, name, steps, seed, save_every, recipe, **bupo):
+        asked.append(f"train {name}")
+        for step in range(save_every, steps + 1, save_every):
+            (runs / name / "checkpoints" / f"step-{step}").mkdir(parents=True, exist_ok=True)
+        for file in ("run.json", "metrics.jsonl"):
+            (runs / name / file).write_text("{}")
+        return runs / name
+
+    def evaluate_at_64(root, model, name):
+        if not (kept / name / "problems.csv").is_file():
+            asked.append(f"evaluate {name}")
+            (kept / name).mkdir(parents=True, exist_ok=True)
+            (kept / name / "problems.csv").write_text(f"{model}\n")
+
+    monkeypatch.setattr(experiments, "train", train)
+    monkeypatch.setattr(experiments, "evaluate_at_64", evaluate_at_64)
+    monkeypatch.setattr(experiments, "prune", lambda run, keep: None)
+    monkeypatch.setattr(experiments, "paper_ratio_summary", lambda seeds: {})
+    return kept, root, asked
+
+
+def test_the_paper_ratio_stage_resumes_without_redoing_kept_work_and_never_pairs_a_control_with_another_run(
+        tmp_path, monkeypatch):
+    kept, runs, asked = fake_stage(tmp_path, monkeypatch)
+    experiments.paper_ratio(runs, seeds=1)
+    assert asked == ["train grpo-seed1", "evaluate grpo-seed1", "evaluate grpo-27-seed1", "train bupo-k5-seed1",
+                     "evaluate bupo-k5-seed1", "train bupo-k15-seed1", "evaluate bupo-k15-seed1", "evaluate base"]
+    asked.clear()
+    experiments.paper_ratio(runs, seeds=1)
+    assert asked == []  # everything kept: nothing trained or evaluated again
+
+    # another machine: only the kept files, and GRPO's control was never kept there
+    (kept / "grpo-27-seed1" / "problems.csv").unlink()
+    experiments.paper_ratio(tmp_path / "elsewhere", seeds=1)
+    assert asked == ["train grpo-seed1", "evaluate grpo-seed1", "evaluate grpo-27-seed1"]  # both from the new run
+    for name, step in (("grpo-seed1", 30), ("grpo-27-seed1", 27)):
+        scored = tmp_path / "elsewhere" / "paper-ratio" / "grpo-seed1" / "checkpoints" / f"step-{step}"
+        assert (kept / name / "problems.csv").read_text() == f"{scored}\n"
+
+
+def test_the_paper_ratio_stage_refuses_to_add_to_results_kept_under_another_protocol(tmp_path, monkeypatch):
+    kept, runs, asked = fake_stage(tmp_path, monkeypatch)
+    experiments.paper_ratio(runs, seeds=1)
+    asked.clear()
+    monkeypatch.setitem(experiments.PAPER_RATIO, "n", 32)
+    with pytest.raises(SystemExit, match=r"made with paper_ratio.n 64 \(now 32\) \(protocol.json\); adding"):
+        experiments.paper_ratio(runs, seeds=2)
+    with pytest.raises(SystemExit, match=r"paper_ratio.n 64 \(now 32\)"):
+        experiments.check_protocol(None)  # what the summary checks first
+    monkeypatch.setitem(experiments.PAPER_RATIO, "n", 64)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine: dtype "auto" is bfloat16 there
+    with pytest.raises(SystemExit, match=r"made with device \"cpu\" \(now \"cuda\"\).*CUDA_VISIBLE_DEVICES="):
+        experiments.paper_ratio(runs, seeds=2)
+    assert asked == []
+
+
+def test_the_pass_at_k_figure_draws_each_methods_numbers_and_the_paired_differences_around_zero(monkeypatch):
+    metrics = ["avg@64", "pass@1", "pass@4", "pass@16", "pass@64"]
+    level = {"grpo": 0.7, "grpo-27": 0.65, "bupo-k5": 0.6, "bupo-k15": 0.5}
+    methods = {n: {m: {"mean": [v + i / 100, v - 0.1, v + 0.1]} for i, m in enumerate(metrics)}
+               for n, v in level.items()}
+    differences = {f"bupo-k{k} - grpo": {m: {"bootstrap": [-k / 100, -0.3, 0.2]} for m in metrics} for k in (5, 15)}
+    result = {"seeds": 2, "seeds_planned": 5, "complete": False, "T": 30, "S": 3, "K": [5, 15], "n": 64,
+              "task": "add-sub-2x1", "held_out_problems": 100, "methods": methods, "differences": differences,
+              "base": {m: [0.05, 0.04, 0.06] for m in metrics}}
+    drawn = {}
+    monkeypatch.setattr("internal_policy.figures.save_figure", lambda fig, path, formats: drawn.setdefault("fig", fig))
+    experiments.paper_ratio_figures(result, Path("unused"))
+    left, right = drawn["fig"].axes
+    lines = {line.get_label(): line for line in left.get_lines()}
+    assert list(lines["BuPO K = 15, S = 3"].get_ydata()) == pytest.approx([0.51, 0.52, 0.53, 0.54])  # pass@1 … @64
+    assert lines["GRPO, T \u2212 S = 27"].get_linestyle() == "--"  # visible on GRPO's line
+    differences = {line.get_label(): line for line in right.get_lines()}
+    assert list(differences["BuPO K = 5, S = 3 \u2212 GRPO"].get_ydata()) == pytest.approx([-0.05] * 4)
+    assert any(list(line.get_ydata()) == [0, 0] for line in right.get_lines())  # the zero line the bands cross
+    assert "2 seeds of 5 (interim); bands: 95 % bootstrap" in drawn["fig"]._suptitle.get_text()
