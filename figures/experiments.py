@@ -357,7 +357,7 @@ def paper_ratio_figures(result: dict, out: Path) -> list[Path]:
     pass_at_k_bands(pd.DataFrame(rows), "pass@k per method", ax=left, styles=styles)
     pass_at_k_bands(pd.DataFrame(differences), "paired with GRPO (same seeds, same problems)", ax=right,
                     ylabel="difference in pass@k",
-                    styles={f"{names[n]} \u2212 GRPO": {"color": colors[names[n]]} for n in names if n.startswith("bupo")})
+                    styles={f"{names[n]} \u2212 GRPO": {"color": colors[names[n]]} for n in names if "bupo" in n})
     fig.suptitle(f"{result['task']}: {result['held_out_problems']} held-out problems, n = {result['n']}, "
                  f"{seeds}{interim}; bands: 95 % bootstrap intervals over seeds and problems", fontsize=10)
     fig.tight_layout()
@@ -367,7 +367,8 @@ def paper_ratio_figures(result: dict, out: Path) -> list[Path]:
 def paper_ratio_markdown(result: dict) -> str:
     """The Results page's tables of ``result`` (``paper_ratio_summary``'s): per method the mean of Avg@n and pass@k over
     seeds and problems with its 95 % bootstrap interval, then every paired difference with its interval and the
-    seed-level sign-flip p. Numbers to 3 decimals, signed for differences."""
+    seed-level sign-flip p, then each method's Avg@n and pass@n per seed. Numbers to 3 decimals, signed for
+    differences."""
     if not result["seeds"]:
         return ""
     minus = "\u2212"  # the typographic minus of the Results page
@@ -387,7 +388,14 @@ def paper_ratio_markdown(result: dict) -> str:
              + " | ".join(cell(d[m]["bootstrap"], "+") + (f", p = {d[m]['seed_test']['sign_flip_p']:.3g}"
                                                           if d[m]["seed_test"] else "") for m in metrics) + " |"
              for label, d in result["differences"].items()]
-    return "\n".join([head, *rows, "", head.replace("| |", "| paired (same seed, same problems) |", 1), *diffs])
+    last = metrics[-1]
+    per_seed = [f"| Avg@{result['n']} / {last} | " + " | ".join(f"seed {s}" for s in result["seed_list"]) + " |",
+                "|" + " --- |" * (len(result["seed_list"]) + 1)]
+    per_seed += [f"| {names[n]} | " + " | ".join(
+        f"{a:.3f} / {b:.3f}" for a, b in zip(result["methods"][n][metrics[0]]["per_seed"],
+                                             result["methods"][n][last]["per_seed"])) + " |" for n in names]
+    return "\n".join([head, *rows, "", head.replace("| |", "| paired (same seed, same problems) |", 1), *diffs, "",
+                      *per_seed])
 
 
 def paper_ratio_dynamics(runs: Path, figures_out: Path) -> dict:
