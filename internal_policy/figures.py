@@ -172,13 +172,17 @@ def internal_layer_dynamics(summaries: dict[str, pd.DataFrame], layer: int):
     of its attention and FFN (ΔH = H(out) - H(in)), one line per result."""
     panels = (("layer", "entropy_out_mean", f"H(h_{layer}) (nats)"), ("attn", "delta_mean", f"attention ΔH, layer {layer}"),
               ("ffn", "delta_mean", f"FFN ΔH, layer {layer}"))
+    steps = sorted({int(s) for summary in summaries.values() for s in summary["step"].unique()})
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
     for ax, (module, column, label) in zip(axes, panels):
         for name, summary in summaries.items():
             rows = summary[(summary["module"] == module) & (summary["layer"] == layer)].sort_values("step")
             ax.plot(rows["step"], rows[column], marker="o", markersize=3, label=name)
         ax.set(xlabel="training step", ylabel=label)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if len(steps) <= 12:  # the checkpoints themselves (e.g. every 3 steps), not a locator's round numbers
+            ax.set_xticks(steps)
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0].legend(fontsize=8)
     fig.suptitle(f"Internal layer {layer} across checkpoints", y=1.02)
     fig.tight_layout()
@@ -190,7 +194,7 @@ TRAINING_PANELS = (
     ("accuracy", "accuracy"),
     ("response_len_mean", "response length (tokens)"),
     ("entropy", "final policy entropy (nats)"),
-    ("internal_entropy", "entropy of π(h_k), k = the run's monitor_layer (nats)"),
+    ("internal_entropy", "H(π(h_k)) (nats),\nk: each run's monitor_layer"),
 )
 
 
@@ -218,7 +222,11 @@ def training_curves(runs: dict[str, pd.DataFrame]):
     if len(internal):
         for ax in axes:
             ax.axvspan(0.5, internal.max() + 0.5, color="gray", alpha=0.08, linewidth=0)
-    fig.suptitle("Training curves (shaded: steps 1..S of the BuPO runs; bands: min–max over seeds)", y=1.02)
+    seeds = data.groupby("method")["run"].nunique()  # a band only where a method has several runs
+    counts = str(seeds.max()) if seeds.min() == seeds.max() else f"{seeds.min()}–{seeds.max()}"
+    notes = ["shaded: steps 1..S of the BuPO runs"] * bool(len(internal))
+    notes += [f"bands: min–max over {counts} seeds"] * bool(seeds.max() > 1)
+    fig.suptitle("Training curves" + (f" ({'; '.join(notes)})" if notes else ""), y=1.02)
     fig.tight_layout()
     return fig
 

@@ -110,11 +110,26 @@ def test_dynamics_figures_draw_the_measured_values(across_checkpoints):
         assert list(ax.lines[0].get_xdata()) == list(expected["step"])
         assert ax.lines[0].get_ydata() == pytest.approx(expected[column].to_numpy())
     assert fig.axes[0].lines[1].get_ydata() == pytest.approx(fig.axes[0].lines[0].get_ydata() + 1.0)
+    assert list(fig.axes[2].get_xticks()) == sorted(summary["step"].unique())  # a tick at each checkpoint
     grid = entropy_dynamics_side_by_side({"a": summary, "b": later})
     heatmaps = [ax.collections[0] for ax in grid.axes[:2]]  # the colour bar's axes come after the panels
     assert len(heatmaps) == 2 and heatmaps[0].get_clim() == heatmaps[1].get_clim()  # one colour scale
     layers = summary[summary.module == "layer"]
     assert heatmaps[0].get_clim() == pytest.approx((layers.entropy_out_mean.min(), layers.entropy_out_mean.max() + 1.0))
+
+
+def test_training_curves_claim_a_band_over_seeds_only_where_a_method_has_several():
+    from internal_policy.figures import training_curves
+
+    def metrics(entropy: float) -> pd.DataFrame:
+        return pd.DataFrame({"step": [1, 2, 3], "phase": ["internal", "full", "full"], "entropy": entropy})
+
+    one = training_curves({"GRPO seed 1": metrics(1.0), "BuPO seed 1": metrics(2.0)})
+    assert one._suptitle.get_text() == "Training curves (shaded: steps 1..S of the BuPO runs)"
+    three = training_curves({f"{m} seed {s}": metrics(s + (m == "BuPO")) for m in ("GRPO", "BuPO") for s in (1, 2, 3)})
+    assert three._suptitle.get_text().endswith("; bands: min–max over 3 seeds)")
+    drawn = sorted(tuple(line.get_ydata()) for line in three.axes[0].get_lines() if len(line.get_ydata()) == 3)
+    assert drawn == [(2.0, 2.0, 2.0), (3.0, 3.0, 3.0)]  # each method's mean over seeds 1, 2, 3
 
 
 def test_a_run_folder_as_model_is_analysed_like_run(bupo_run, across_checkpoints, rows_file, tmp_path):
