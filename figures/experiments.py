@@ -32,7 +32,8 @@ held-out problems (n = 4, 32 tokens).
 * paper-ratio-summary: experiments.json's ``paper_ratio`` from the kept evaluations alone (the complete seeds; while
            none is, every finished evaluation's means), its figure, and the Results page's tables (printed last).
 * paper-ratio-dynamics: seed 1 of each method, a checkpoint every 3 steps: internal policy entropy of every checkpoint
-           in both norm modes, the refinement of the internal layer, and the figures (figures/paper-ratio/).
+           in both norm modes, the refinement of the internal layer (tables kept in figures/data/paper-ratio/dynamics/,
+           so the figures are redrawn from them without a run), and the figures (figures/paper-ratio/).
 
 A finished run keeps its checkpoints' weights but not their optimizer state (``trainer_state.safetensors``, twice the
 model's size, only needed to resume training): 12 GB instead of 60 for the whole set.
@@ -401,22 +402,25 @@ def paper_ratio_markdown(result: dict) -> str:
 def paper_ratio_dynamics(runs: Path, figures_out: Path) -> dict:
     """Seed 1 of each method (a checkpoint every 3 steps; trained again where its checkpoints are gone): the internal
     policy entropy of the base model and every checkpoint on 16 held-out prompts with the base model's responses, in
-    both norm modes, with the refinement of the internal layer; then the figures of those results and of every kept
-    run's training metrics (ipolicy figures)."""
+    both norm modes, with the refinement of the internal layer, kept in ``KEPT/dynamics`` (summary.csv and
+    refinement.csv of each); then the figures of those tables and of every kept run's training metrics (ipolicy
+    figures). Where all the tables are kept, only the figures are drawn again: no run, no model."""
     c = PAPER_RATIO
     root = runs / "paper-ratio"
     recipe = dict(RECIPE, data=c["task"], mini_batch_prompts=c["mini_batch_prompts"])
     out, results = {}, []
     for name, bupo in paper_ratio_methods().items():
-        run = train(root, f"{name}-seed1", c["steps"], seed=1, save_every=c["save_every"], recipe=recipe, **bupo)
-        for mode in ("none", "final"):
-            folder = root / f"dyn-{name}-{mode}"
-            ip.compare([str(run)], data=f"{c['task']}:test", limit=16, max_new_tokens=c["max_new_tokens"],
-                       norm_mode=mode, refine_layer=bupo.get("internal_layer", c["layers"][0]), out=folder,
-                       progress=True)
-            out[f"{name}-{mode}"] = folder.name
-            if mode == "none":
-                results.append(folder)
+        kept = {mode: KEPT / "dynamics" / f"dyn-{name}-{mode}" for mode in ("none", "final")}
+        if not all((folder / "summary.csv").is_file() for folder in kept.values()):
+            run = train(root, f"{name}-seed1", c["steps"], seed=1, save_every=c["save_every"], recipe=recipe, **bupo)
+            for mode in kept:
+                folder = root / f"dyn-{name}-{mode}"
+                ip.compare([str(run)], data=f"{c['task']}:test", limit=16, max_new_tokens=c["max_new_tokens"],
+                           norm_mode=mode, refine_layer=bupo.get("internal_layer", c["layers"][0]), out=folder,
+                           progress=True)
+                keep(folder, kept[mode], ["refinement.csv", "summary.csv"])  # summary.csv last: its presence means done
+        out.update({f"{name}-{mode}": folder.name for mode, folder in kept.items()})
+        results.append(kept["none"])
     kept_runs = sorted(p.parent for p in KEPT.glob("*-seed*/metrics.jsonl"))
     written = ip.figures_from_results(results + kept_runs, figures_out / "paper-ratio")
     return {"results": out, "figures": sorted(str(p.relative_to(figures_out.parent)) for p in written)}

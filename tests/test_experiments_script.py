@@ -1,6 +1,7 @@
 """figures/experiments.py renders the Results page's paper-ratio tables from experiments.json's numbers."""
 
 import importlib.util
+import shutil
 from pathlib import Path
 
 import pytest
@@ -125,3 +126,27 @@ def test_the_pass_at_k_figure_draws_each_methods_numbers_and_the_paired_differen
     assert list(differences["BuPO K = 5, S = 3 \u2212 GRPO"].get_ydata()) == pytest.approx([-0.05] * 4)
     assert any(list(line.get_ydata()) == [0, 0] for line in right.get_lines())  # the zero line the bands cross
     assert "2 seeds of 5 (interim); bands: 95 % bootstrap" in drawn["fig"]._suptitle.get_text()
+
+
+def test_the_dynamics_stage_keeps_its_tables_and_draws_again_from_them_without_a_run(tmp_path, monkeypatch):
+    kept, runs, asked = fake_stage(tmp_path, monkeypatch)
+
+    def compare(models, out, **options):
+        asked.append(f"analyse {Path(models[0]).name} {options['norm_mode']}")
+        Path(out).mkdir(parents=True)
+        for table in ("summary.csv", "refinement.csv"):
+            (Path(out) / table).write_text(f"{table} of {Path(models[0]).name} in mode {options['norm_mode']}\n")
+
+    drawn = []
+    monkeypatch.setattr(experiments.ip, "compare", compare)
+    monkeypatch.setattr(experiments.ip, "figures_from_results", lambda folders, out: drawn.append(folders) or [])
+    first = experiments.paper_ratio_dynamics(runs, tmp_path / "figures")
+    assert asked == [f"{step} {name}-seed1{mode}" for name in ("grpo", "bupo-k5", "bupo-k15")
+                     for step, mode in (("train", ""), ("analyse", " none"), ("analyse", " final"))]
+    table = kept / "dynamics" / "dyn-bupo-k15-final" / "summary.csv"
+    assert table.read_text() == "summary.csv of bupo-k15-seed1 in mode final\n"
+
+    asked.clear()
+    shutil.rmtree(runs)  # a fresh clone: no run, no analysis, only the kept tables
+    assert experiments.paper_ratio_dynamics(runs, tmp_path / "figures") == first and asked == []
+    assert drawn[-1][:3] == [kept / "dynamics" / f"dyn-{name}-none" for name in ("grpo", "bupo-k5", "bupo-k15")]
