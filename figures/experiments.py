@@ -219,26 +219,37 @@ def prune(run: Path, keep: set[int]) -> None:
             shutil.rmtree(checkpoint)
 
 
+def paper_ratio_recipe() -> dict:
+    """The training recipe of the paper-ratio stage: the README's, on its task, with two mini-batches a step."""
+    return dict(RECIPE, data=PAPER_RATIO["task"], mini_batch_prompts=PAPER_RATIO["mini_batch_prompts"])
+
+
 def paper_ratio_protocol(device: str) -> dict:
     """What the kept paper-ratio results depend on: the stage's settings, the training recipe and where the numbers
     were computed (``device``: "cpu" or "cuda", where ``dtype="auto"`` means float32 or bfloat16)."""
-    recipe = dict(RECIPE, data=PAPER_RATIO["task"], mini_batch_prompts=PAPER_RATIO["mini_batch_prompts"])
-    return {"paper_ratio": json.loads(json.dumps(PAPER_RATIO)), "recipe": recipe, "device": device}
+    return {"paper_ratio": json.loads(json.dumps(PAPER_RATIO)), "recipe": paper_ratio_recipe(), "device": device}
 
 
 def check_protocol(device: str | None) -> None:
-    """Refuse to add to, or summarise, kept results made under another protocol (``KEPT/protocol.json``, written with
-    the first kept result); ``device=None`` (the summary) checks the settings only."""
+    """Refuse to add to, or summarise, kept results made under another protocol than this one (``KEPT/protocol.json``).
+    ``device``: where the stage is about to compute ("cpu" or "cuda"); with nothing kept yet it records this protocol.
+    ``device=None`` (the summary, which only reads) checks the settings and writes nothing."""
     path = KEPT / "protocol.json"
     mine = paper_ratio_protocol(device or "cpu")
-    if not path.is_file():
-        KEPT.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(mine, indent=2) + "\n")
+    nothing_kept = not any(KEPT.glob("*/*.csv")) and not any(KEPT.glob("*/metrics.jsonl"))
+    if nothing_kept:  # nothing to mix with: this run's protocol becomes the record
+        if device:
+            KEPT.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(mine, indent=2) + "\n")
         return
+    if not path.is_file():
+        raise SystemExit(f"error: the kept paper-ratio results in {KEPT} have no {path.name}, so how they were made is "
+                         f"unknown. Fix: restore it (git checkout -- {path}), or move the folder aside "
+                         "to start the experiment afresh.")
     kept = json.loads(path.read_text())
     changed = []
     for section in ("paper_ratio", "recipe", *(("device",) if device else ())):
-        was, now = kept[section], mine[section]
+        was, now = kept.get(section), mine[section]
         if isinstance(was, dict):
             changed += [f"{section}.{k} {json.dumps(was.get(k))} (now {json.dumps(now.get(k))})"
                         for k in sorted(was | now) if was.get(k) != now.get(k)]
@@ -251,48 +262,84 @@ def check_protocol(device: str | None) -> None:
             "CUDA_VISIBLE_DEVICES= keeps the CPU's float32), or move the folder aside to start the experiment afresh.")
 
 
+def this_device() -> str:
+    """Where ipolicy computes here by default ("cuda" when a GPU is visible), as ``check_protocol`` records it."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def one_run_for_grpo(root: Path, seed: int) -> None:
+    """Make GRPO's two evaluations of ``seed``, its final checkpoint and its step-(T - S) control, come from one run.
+    A kept evaluation counts as this run's only when it scored this run's checkpoint (the path its summary.json
+    records) and that checkpoint is still here; otherwise both kept evaluations are dropped and made again from the
+    run trained here. A finished run that lost the control's checkpoint is trained again."""
+    c = PAPER_RATIO
+    run = root / f"grpo-seed{seed}"
+    control = c["steps"] - c["internal_steps"]
+    names = {c["steps"]: f"grpo-seed{seed}", control: f"grpo-{control}-seed{seed}"}
+    here = {step: run / "checkpoints" / f"step-{step}" for step in names}
+    kept = [step for step, name in names.items() if (KEPT / name / "problems.csv").is_file()]
+    if len(kept) == len(names):
+        return
+    if here[c["steps"]].is_dir() and not all(checkpoint.is_dir() for checkpoint in here.values()):
+        shutil.rmtree(run)  # finished, but a checkpoint to evaluate is gone: only training again brings it back
+
+    def scored_here(step: int) -> bool:
+        scored = json.loads((KEPT / names[step] / "summary.json").read_text())["config"]["model"]
+        return here[step].is_dir() and [Path(m).resolve() for m in scored] == [here[step].resolve()]
+
+    if not all(scored_here(step) for step in kept):
+        for name in names.values():
+            shutil.rmtree(KEPT / name, ignore_errors=True)
+            shutil.rmtree(root / "eval" / name, ignore_errors=True)
+
+
 def paper_ratio(runs: Path, seeds: int) -> dict:
     """Every run and evaluation of the paper-ratio stage, seed by seed (GRPO, then BuPO at each K, then the control),
     resumable, also on another machine: a run whose final evaluation is kept (``KEPT``) is not trained again. The GRPO
     run's checkpoint at step T - S is the control "GRPO with BuPO's full-policy budget" (a constant learning rate and
     a data order fixed by the seed make it exactly a (T - S)-step GRPO run). Returns ``paper_ratio_summary``."""
-    import torch
-
-    check_protocol("cuda" if torch.cuda.is_available() else "cpu")
+    check_protocol(this_device())
     c = PAPER_RATIO
     root = runs / "paper-ratio"
-    recipe = dict(RECIPE, data=c["task"], mini_batch_prompts=c["mini_batch_prompts"])
     control = c["steps"] - c["internal_steps"]
     for s in range(1, seeds + 1):
         for name, bupo in paper_ratio_methods().items():
+            if name == "grpo":
+                one_run_for_grpo(root, s)
             kept_control = (KEPT / f"grpo-{control}-seed{s}" / "problems.csv").is_file()
             if (KEPT / f"{name}-seed{s}" / "problems.csv").is_file() and (name != "grpo" or kept_control):
                 continue
-            if name == "grpo" and not (root / f"grpo-seed{s}" / "checkpoints" / f"step-{control}").is_dir():
-                # the control must come from the run whose final checkpoint is evaluated: a kept final evaluation of
-                # a run that is gone here is made again from the run trained now
-                shutil.rmtree(KEPT / f"grpo-seed{s}", ignore_errors=True)
-                shutil.rmtree(root / "eval" / f"grpo-seed{s}", ignore_errors=True)
-            run = train(root, f"{name}-seed{s}", c["steps"], seed=s, save_every=c["save_every"], recipe=recipe, **bupo)
+            run = train(root, f"{name}-seed{s}", c["steps"], seed=s, save_every=c["save_every"],
+                        recipe=paper_ratio_recipe(), **bupo)
             keep(run, KEPT / f"{name}-seed{s}", ["run.json", "metrics.jsonl"])
             evaluate_at_64(root, str(run / "checkpoints" / f"step-{c['steps']}"), f"{name}-seed{s}")
             if name == "grpo":
                 evaluate_at_64(root, str(run / "checkpoints" / f"step-{control}"), f"grpo-{control}-seed{s}")
             if s > 1:  # seed 1 keeps a checkpoint every 3 steps for the dynamics stage
                 prune(run, {control, c["steps"]} if name == "grpo" else {c["steps"]})
-        evaluate_at_64(root, recipe.get("model", ip.DEFAULT_MODEL), "base")
+        evaluate_at_64(root, RECIPE.get("model", ip.DEFAULT_MODEL), "base")
     return paper_ratio_summary(seeds)
 
 
+def complete_seeds() -> list[int]:
+    """The seeds whose every paper-ratio evaluation is kept: each method's final checkpoint and GRPO's control."""
+    control = PAPER_RATIO["steps"] - PAPER_RATIO["internal_steps"]
+    names = [*paper_ratio_methods(), f"grpo-{control}"]
+    seeds = sorted(int(p.parent.name.removeprefix("grpo-seed")) for p in KEPT.glob("grpo-seed*/problems.csv"))
+    return [s for s in seeds if all((KEPT / f"{n}-seed{s}" / "problems.csv").is_file() for n in names)]
+
+
 def paper_ratio_summary(seeds: int) -> dict:
-    """The numbers of experiments.json's ``paper_ratio`` from the kept evaluations: every method over the seeds in
-    1..``seeds`` that are complete (all methods and the control evaluated), pass@k and Avg@64 with bootstrap intervals
-    over seeds and problems, the paired differences with a seed-level test; ``complete`` says whether all were there."""
+    """The numbers of experiments.json's ``paper_ratio`` from the kept evaluations: every method over every complete
+    seed (``complete_seeds``), pass@k and Avg@64 with bootstrap intervals over seeds and problems, the paired
+    differences with a seed-level test; ``complete`` says whether the ``seeds`` planned are all there."""
     check_protocol(None)
     c = PAPER_RATIO
     control = c["steps"] - c["internal_steps"]
     names = [*paper_ratio_methods(), f"grpo-{control}"]
-    done = [s for s in range(1, seeds + 1) if all((KEPT / f"{n}-seed{s}" / "problems.csv").is_file() for n in names)]
+    done = complete_seeds()
     metrics = ["accuracy", *(f"pass@{k}" for k in c["ks"])]
     rename = {"accuracy": f"avg@{c['n']}"}
     kept = {p.parent.name: {rename.get(m, m): float(v) for m, v in read_kept(p.parent.name)[metrics].mean().items()}
@@ -305,7 +352,7 @@ def paper_ratio_summary(seeds: int) -> dict:
                for n in paper_ratio_methods() for s in done}
     result = {"task": c["task"], "held_out_problems": len(base), "T": c["steps"], "S": c["internal_steps"],
               "K": list(c["layers"]), "mini_batches": RECIPE["prompts_per_step"] // c["mini_batch_prompts"],
-              "n": c["n"], "seeds": len(done), "seeds_planned": seeds, "complete": len(done) == seeds,
+              "n": c["n"], "seeds": len(done), "seeds_planned": seeds, "complete": len(done) >= seeds,
               "seed_list": done, "train_seconds": seconds, "evaluated": kept,
               "base": {rename.get(m, m): bootstrap(base[m].to_numpy()) for m in metrics},
               "methods": {}, "differences": {}}
@@ -404,24 +451,26 @@ def paper_ratio_dynamics(runs: Path, figures_out: Path) -> dict:
     policy entropy of the base model and every checkpoint on 16 held-out prompts with the base model's responses, in
     both norm modes, with the refinement of the internal layer, kept in ``KEPT/dynamics`` (summary.csv and
     refinement.csv of each); then the figures of those tables and of every kept run's training metrics (ipolicy
-    figures). Where all the tables are kept, only the figures are drawn again: no run, no model."""
+    figures; the training curves of the complete seeds). Where all the tables are kept, only the figures are drawn
+    again: no run, no model."""
     c = PAPER_RATIO
     root = runs / "paper-ratio"
-    recipe = dict(RECIPE, data=c["task"], mini_batch_prompts=c["mini_batch_prompts"])
     out, results = {}, []
     for name, bupo in paper_ratio_methods().items():
         kept = {mode: KEPT / "dynamics" / f"dyn-{name}-{mode}" for mode in ("none", "final")}
-        if not all((folder / "summary.csv").is_file() for folder in kept.values()):
-            run = train(root, f"{name}-seed1", c["steps"], seed=1, save_every=c["save_every"], recipe=recipe, **bupo)
-            for mode in kept:
-                folder = root / f"dyn-{name}-{mode}"
+        if not all((tables / "summary.csv").is_file() for tables in kept.values()):
+            check_protocol(this_device())
+            run = train(root, f"{name}-seed1", c["steps"], seed=1, save_every=c["save_every"],
+                        recipe=paper_ratio_recipe(), **bupo)
+            for mode, tables in kept.items():
+                analysis = root / f"dyn-{name}-{mode}"
                 ip.compare([str(run)], data=f"{c['task']}:test", limit=16, max_new_tokens=c["max_new_tokens"],
-                           norm_mode=mode, refine_layer=bupo.get("internal_layer", c["layers"][0]), out=folder,
+                           norm_mode=mode, refine_layer=bupo.get("internal_layer", c["layers"][0]), out=analysis,
                            progress=True)
-                keep(folder, kept[mode], ["refinement.csv", "summary.csv"])  # summary.csv last: its presence means done
-        out.update({f"{name}-{mode}": folder.name for mode, folder in kept.items()})
+                keep(analysis, tables, ["refinement.csv", "summary.csv"])  # summary.csv last: its presence means done
+        out.update({f"{name}-{mode}": str(tables.relative_to(KEPT)) for mode, tables in kept.items()})
         results.append(kept["none"])
-    kept_runs = sorted(p.parent for p in KEPT.glob("*-seed*/metrics.jsonl"))
+    kept_runs = [KEPT / f"{name}-seed{s}" for name in paper_ratio_methods() for s in complete_seeds()]
     written = ip.figures_from_results(results + kept_runs, figures_out / "paper-ratio")
     return {"results": out, "figures": sorted(str(p.relative_to(figures_out.parent)) for p in written)}
 

@@ -1,6 +1,7 @@
 """figures/experiments.py renders the Results page's paper-ratio tables from experiments.json's numbers."""
 
 import importlib.util
+import json
 import shutil
 from pathlib import Path
 
@@ -44,24 +45,30 @@ def test_the_paper_ratio_tables_put_each_methods_numbers_on_its_own_row_with_sig
     assert experiments.paper_ratio_markdown({"seeds": 0}) == ""
 
 
+SUMMARY = experiments.paper_ratio_summary  # before any test replaces it
+
+
 def fake_stage(tmp_path, monkeypatch):
-    """The paper-ratio stage with training and evaluation replaced by records of what it asked for: a run is a folder
-    of checkpoints, an evaluation a problems.csv naming the checkpoint it scored."""
+    """The paper-ratio stage with training and evaluation replaced by records of what it asked for. A run is a folder
+    of checkpoints, skipped once its last one exists (as ``train`` does); an evaluation is a problems.csv and a
+    summary.json naming the checkpoint it scored."""
     kept, root, asked = tmp_path / "kept", tmp_path / "runs", []
     monkeypatch.setattr(experiments, "KEPT", kept)
 
     def train(runs, name, steps, seed, save_every, recipe, **bupo):
-        asked.append(f"train {name}")
-        for step in range(save_every, steps + 1, save_every):
-            (runs / name / "checkpoints" / f"step-{step}").mkdir(parents=True, exist_ok=True)
-        for file in ("run.json", "metrics.jsonl"):
-            (runs / name / file).write_text("{}")
+        if not (runs / name / "checkpoints" / f"step-{steps}").is_dir():
+            asked.append(f"train {name}")
+            for step in range(save_every, steps + 1, save_every):
+                (runs / name / "checkpoints" / f"step-{step}").mkdir(parents=True, exist_ok=True)
+            for file in ("run.json", "metrics.jsonl"):
+                (runs / name / file).write_text("{}")
         return runs / name
 
     def evaluate_at_64(root, model, name):
         if not (kept / name / "problems.csv").is_file():
             asked.append(f"evaluate {name}")
             (kept / name).mkdir(parents=True, exist_ok=True)
+            (kept / name / "summary.json").write_text(json.dumps({"config": {"model": [model]}}))
             (kept / name / "problems.csv").write_text(f"{model}\n")
 
     monkeypatch.setattr(experiments, "train", train)
@@ -71,8 +78,12 @@ def fake_stage(tmp_path, monkeypatch):
     return kept, root, asked
 
 
-def test_the_paper_ratio_stage_resumes_without_redoing_kept_work_and_never_pairs_a_control_with_another_run(
-        tmp_path, monkeypatch):
+def scored(kept: Path, name: str) -> str:
+    """The checkpoint a kept fake evaluation scored, from its run folder on."""
+    return "/".join(Path((kept / name / "problems.csv").read_text().strip()).parts[-3:])
+
+
+def test_the_paper_ratio_stage_resumes_without_redoing_kept_work(tmp_path, monkeypatch):
     kept, runs, asked = fake_stage(tmp_path, monkeypatch)
     experiments.paper_ratio(runs, seeds=1)
     assert asked == ["train grpo-seed1", "evaluate grpo-seed1", "evaluate grpo-27-seed1", "train bupo-k5-seed1",
@@ -80,30 +91,83 @@ def test_the_paper_ratio_stage_resumes_without_redoing_kept_work_and_never_pairs
     asked.clear()
     experiments.paper_ratio(runs, seeds=1)
     assert asked == []  # everything kept: nothing trained or evaluated again
+    (kept / "bupo-k5-seed1" / "problems.csv").unlink()  # interrupted before its evaluation was kept
+    experiments.paper_ratio(runs, seeds=1)
+    assert asked == ["evaluate bupo-k5-seed1"]  # the finished run is not trained again
 
-    # another machine: only the kept files, and GRPO's control was never kept there
-    (kept / "grpo-27-seed1" / "problems.csv").unlink()
-    experiments.paper_ratio(tmp_path / "elsewhere", seeds=1)
-    assert asked == ["train grpo-seed1", "evaluate grpo-seed1", "evaluate grpo-27-seed1"]  # both from the new run
-    for name, step in (("grpo-seed1", 30), ("grpo-27-seed1", 27)):
-        scored = tmp_path / "elsewhere" / "paper-ratio" / "grpo-seed1" / "checkpoints" / f"step-{step}"
-        assert (kept / name / "problems.csv").read_text() == f"{scored}\n"
+
+def test_grpos_final_evaluation_and_its_control_always_come_from_one_run(tmp_path, monkeypatch):
+    kept, runs, asked = fake_stage(tmp_path, monkeypatch)
+    experiments.paper_ratio(runs, seeds=1)
+    elsewhere = tmp_path / "elsewhere"
+
+    # the control was kept on this machine only: the final evaluation kept with it is of another run than elsewhere's
+    shutil.rmtree(kept / "grpo-seed1")
+    asked.clear()
+    experiments.paper_ratio(elsewhere, seeds=1)
+    assert asked == ["train grpo-seed1", "evaluate grpo-seed1", "evaluate grpo-27-seed1"]
+    assert {scored(kept, n) for n in ("grpo-seed1", "grpo-27-seed1")} == {"grpo-seed1/checkpoints/step-30",
+                                                                         "grpo-seed1/checkpoints/step-27"}
+    assert all(str(elsewhere) in (kept / n / "problems.csv").read_text() for n in ("grpo-seed1", "grpo-27-seed1"))
+
+    # back on the first machine, whose run is another one than the kept evaluations' (elsewhere's): both redone here
+    shutil.rmtree(kept / "grpo-27-seed1")
+    asked.clear()
+    experiments.paper_ratio(runs, seeds=1)
+    assert asked == ["evaluate grpo-seed1", "evaluate grpo-27-seed1"]
+    assert all(str(runs) in (kept / n / "problems.csv").read_text() for n in ("grpo-seed1", "grpo-27-seed1"))
+
+    # the same run, its control's checkpoint pruned: trained again (else nothing could evaluate step 27)
+    shutil.rmtree(kept / "grpo-27-seed1")
+    shutil.rmtree(runs / "paper-ratio" / "grpo-seed1" / "checkpoints" / "step-27")
+    asked.clear()
+    experiments.paper_ratio(runs, seeds=1)
+    assert asked == ["train grpo-seed1", "evaluate grpo-seed1", "evaluate grpo-27-seed1"]
+
+    # the same run with both checkpoints: the kept final evaluation is this run's, so only the control is made
+    shutil.rmtree(kept / "grpo-27-seed1")
+    asked.clear()
+    experiments.paper_ratio(runs, seeds=1)
+    assert asked == ["evaluate grpo-27-seed1"]
 
 
 def test_the_paper_ratio_stage_refuses_to_add_to_results_kept_under_another_protocol(tmp_path, monkeypatch):
     kept, runs, asked = fake_stage(tmp_path, monkeypatch)
+    experiments.check_protocol(None)
+    assert not kept.exists()  # the summary only reads: it records no protocol
     experiments.paper_ratio(runs, seeds=1)
     asked.clear()
     monkeypatch.setitem(experiments.PAPER_RATIO, "n", 32)
     with pytest.raises(SystemExit, match=r"made with paper_ratio.n 64 \(now 32\) \(protocol.json\); adding"):
         experiments.paper_ratio(runs, seeds=2)
     with pytest.raises(SystemExit, match=r"paper_ratio.n 64 \(now 32\)"):
-        experiments.check_protocol(None)  # what the summary checks first
+        SUMMARY(2)
     monkeypatch.setitem(experiments.PAPER_RATIO, "n", 64)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine: dtype "auto" is bfloat16 there
     with pytest.raises(SystemExit, match=r"made with device \"cpu\" \(now \"cuda\"\).*CUDA_VISIBLE_DEVICES="):
         experiments.paper_ratio(runs, seeds=2)
+    (kept / "protocol.json").unlink()
+    with pytest.raises(SystemExit, match=r"have no protocol.json, so how they were made is unknown"):
+        experiments.paper_ratio(runs, seeds=2)
     assert asked == []
+
+
+def test_keeping_writes_the_file_that_means_done_last(tmp_path, monkeypatch):
+    source = tmp_path / "run"
+    source.mkdir()
+    for file in ("run.json", "metrics.jsonl"):
+        (source / file).write_text(file)
+    copy = shutil.copy
+
+    def copy_but_fail_on_the_last(src, dst):
+        if Path(src).name == "metrics.jsonl":
+            raise OSError("disk full")
+        return copy(src, dst)
+
+    monkeypatch.setattr(shutil, "copy", copy_but_fail_on_the_last)
+    with pytest.raises(OSError):
+        experiments.keep(source, tmp_path / "kept", ["run.json", "metrics.jsonl"])
+    assert (tmp_path / "kept" / "run.json").is_file() and not (tmp_path / "kept" / "metrics.jsonl").exists()
 
 
 def test_the_pass_at_k_figure_draws_each_methods_numbers_and_the_paired_differences_around_zero(monkeypatch):
@@ -149,4 +213,14 @@ def test_the_dynamics_stage_keeps_its_tables_and_draws_again_from_them_without_a
     asked.clear()
     shutil.rmtree(runs)  # a fresh clone: no run, no analysis, only the kept tables
     assert experiments.paper_ratio_dynamics(runs, tmp_path / "figures") == first and asked == []
-    assert drawn[-1][:3] == [kept / "dynamics" / f"dyn-{name}-none" for name in ("grpo", "bupo-k5", "bupo-k15")]
+    assert drawn[-1] == [kept / "dynamics" / f"dyn-{name}-none" for name in ("grpo", "bupo-k5", "bupo-k15")]
+
+    (kept / "dynamics" / "dyn-bupo-k5-final" / "summary.csv").unlink()  # one table lost: that run alone is redone
+    experiments.paper_ratio_dynamics(runs, tmp_path / "figures")
+    assert asked == ["train bupo-k5-seed1", "analyse bupo-k5-seed1 none", "analyse bupo-k5-seed1 final"]
+
+    experiments.paper_ratio(runs, seeds=1)  # seed 1 complete; seed 2 only begun: its run is no training curve yet
+    (kept / "grpo-seed2").mkdir()
+    (kept / "grpo-seed2" / "problems.csv").write_text("")
+    experiments.paper_ratio_dynamics(runs, tmp_path / "figures")
+    assert drawn[-1][3:] == [kept / f"{name}-seed1" for name in ("grpo", "bupo-k5", "bupo-k15")]
