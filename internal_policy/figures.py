@@ -218,6 +218,11 @@ def training_curves(runs: dict[str, pd.DataFrame]):
         ax.set_ylabel(label)
         if ax is not axes[0] and ax.get_legend():
             ax.get_legend().remove()
+        layers = data.groupby("method", sort=False)["monitor_layer"].unique() if "monitor_layer" in data else None
+        if column == "internal_entropy" and layers is not None and data["monitor_layer"].nunique() > 1:
+            # runs monitor different layers: each line says which, rather than one axis implying one layer
+            handles, names = ax.get_legend_handles_labels()
+            ax.legend(handles, [f"{n}: k = {', '.join(str(int(k)) for k in layers[n])}" for n in names], fontsize=7)
     internal = data[data["phase"] == "internal"]["step"] if "phase" in data else []
     if len(internal):
         for ax in axes:

@@ -130,6 +130,10 @@ def test_training_curves_claim_a_band_over_seeds_only_where_a_method_has_several
     assert three._suptitle.get_text().endswith("; bands: min–max over 3 seeds)")
     drawn = sorted(tuple(line.get_ydata()) for line in three.axes[0].get_lines() if len(line.get_ydata()) == 3)
     assert drawn == [(2.0, 2.0, 2.0), (3.0, 3.0, 3.0)]  # each method's mean over seeds 1, 2, 3
+    monitored = training_curves({"GRPO seed 1": metrics(1.0).assign(internal_entropy=0.5, monitor_layer=5),
+                                 "BuPO seed 1": metrics(2.0).assign(internal_entropy=0.3, monitor_layer=15)})
+    legend = [text.get_text() for text in monitored.axes[-1].get_legend().get_texts()]
+    assert legend == ["GRPO: k = 5", "BuPO: k = 15"]  # one axis, two layers: each line names its own
 
 
 def test_a_run_folder_as_model_is_analysed_like_run(bupo_run, across_checkpoints, rows_file, tmp_path):
