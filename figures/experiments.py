@@ -26,9 +26,9 @@ held-out problems (n = 4, 32 tokens).
            full-policy budget) evaluated with n = 64 responses a problem: Avg@64 and pass@{1,4,16,64}. Each finished
            evaluation and run's metrics are kept in figures/data/paper-ratio/ (tracked), so the stage resumes on
            another machine without the checkpoints; ``protocol.json`` there records the settings they were made with,
-           and the stage refuses to add to them under others. Cost with the 2-core CPU free (seed 3): 13-14 min for
-           a 30-step run (756-801 s of steps) and 6-12 min for an evaluation (6400 responses); a seed is 3 runs and
-           4 evaluations, about 80 min.
+           and the stage refuses to add to them under others. Cost with the 2-core CPU free (seeds 3-4): 13-15 min
+           for a 30-step run (756-801 s of steps) and 4-12 min for an evaluation (6400 responses); a seed is 3 runs
+           and 4 evaluations, 65-80 min.
 * paper-ratio-summary: experiments.json's ``paper_ratio`` from the kept evaluations alone (the complete seeds; while
            none is, every finished evaluation's means), its figure, and the Results page's tables (printed last).
 * paper-ratio-dynamics: seed 1 of each method, a checkpoint every 3 steps: internal policy entropy of every checkpoint
@@ -405,7 +405,8 @@ def paper_ratio_figures(result: dict, out: Path) -> list[Path]:
     pass_at_k_bands(pd.DataFrame(rows), "pass@k per method", ax=left, styles=styles)
     pass_at_k_bands(pd.DataFrame(differences), "paired with GRPO (same seeds, same problems)", ax=right,
                     ylabel="difference in pass@k",
-                    styles={f"{names[n]} \u2212 GRPO": {"color": colors[names[n]]} for n in names if "bupo" in n})
+                    styles={f"{names[n]} \u2212 GRPO": {"color": colors[names[n]]} for n in names
+                            if n.startswith("bupo")})
     fig.suptitle(f"{result['task']}: {result['held_out_problems']} held-out problems, n = {result['n']}, "
                  f"{seeds}{interim}; bands: 95 % bootstrap intervals over seeds and problems", fontsize=10)
     fig.tight_layout()

@@ -210,6 +210,7 @@ def training_curves(runs: dict[str, pd.DataFrame]):
         frames.append(frame)
     data = pd.concat(frames, ignore_index=True)
     panels = [(column, label) for column, label in TRAINING_PANELS if column in data and data[column].notna().any()]
+    layers = data.groupby("method", sort=False)["monitor_layer"].unique() if "monitor_layer" in data else None
     fig, axes = plt.subplots(1, len(panels), figsize=(4.0 * len(panels), 3.6), squeeze=False)
     axes = axes[0]
     for ax, (column, label) in zip(axes, panels):
@@ -218,7 +219,6 @@ def training_curves(runs: dict[str, pd.DataFrame]):
         ax.set_ylabel(label)
         if ax is not axes[0] and ax.get_legend():
             ax.get_legend().remove()
-        layers = data.groupby("method", sort=False)["monitor_layer"].unique() if "monitor_layer" in data else None
         if column == "internal_entropy" and layers is not None and data["monitor_layer"].nunique() > 1:
             # runs monitor different layers: each line says which, rather than one axis implying one layer
             handles, names = ax.get_legend_handles_labels()
