@@ -53,6 +53,7 @@ import numpy as np
 import pandas as pd
 
 import internal_policy as ip
+from internal_policy.models import resolve_device
 from internal_policy.stats import bootstrap_mean as bootstrap, seed_level_test
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -262,13 +263,6 @@ def check_protocol(device: str | None) -> None:
             "CUDA_VISIBLE_DEVICES= keeps the CPU's float32), or move the folder aside to start the experiment afresh.")
 
 
-def this_device() -> str:
-    """Where ipolicy computes here by default ("cuda" when a GPU is visible), as ``check_protocol`` records it."""
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def one_run_for_grpo(root: Path, seed: int) -> None:
     """Make GRPO's two evaluations of ``seed``, its final checkpoint and its step-(T - S) control, come from one run.
     A kept evaluation counts as this run's only when it scored this run's checkpoint (the path its summary.json
@@ -300,7 +294,7 @@ def paper_ratio(runs: Path, seeds: int) -> dict:
     resumable, also on another machine: a run whose final evaluation is kept (``KEPT``) is not trained again. The GRPO
     run's checkpoint at step T - S is the control "GRPO with BuPO's full-policy budget" (a constant learning rate and
     a data order fixed by the seed make it exactly a (T - S)-step GRPO run). Returns ``paper_ratio_summary``."""
-    check_protocol(this_device())
+    check_protocol(resolve_device("auto"))
     c = PAPER_RATIO
     root = runs / "paper-ratio"
     control = c["steps"] - c["internal_steps"]
@@ -375,6 +369,13 @@ def paper_ratio_summary(seeds: int) -> dict:
     return result
 
 
+def method_labels(result: dict) -> dict[str, str]:
+    """Each method's label in the figure and tables of ``result`` (``paper_ratio_summary``'s), in their row order."""
+    control = result["T"] - result["S"]
+    return {"grpo": f"GRPO, T = {result['T']}", f"grpo-{control}": f"GRPO, T \u2212 S = {control}",
+            **{f"bupo-k{k}": f"BuPO K = {k}, S = {result['S']}" for k in result["K"]}}
+
+
 def paper_ratio_figures(result: dict, out: Path) -> list[Path]:
     """figures/paper_ratio_pass_at_k.{png,pdf}: pass@k against k per method with its bootstrap band (Fig. 6's view),
     and beside it each BuPO's paired difference to GRPO against k (same seeds, same problems) with its band; none
@@ -386,8 +387,7 @@ def paper_ratio_figures(result: dict, out: Path) -> list[Path]:
     from internal_policy.figures import pass_at_k_bands, save_figure
 
     control = f"grpo-{result['T'] - result['S']}"
-    names = {"base": "base model", "grpo": f"GRPO, T = {result['T']}", control: f"GRPO, T \u2212 S = {control[5:]}",
-             **{f"bupo-k{k}": f"BuPO K = {k}, S = {result['S']}" for k in result["K"]}}
+    names = {"base": "base model", **method_labels(result)}
     colors = dict(zip(names.values(), ["0.45", "#0072B2", "#56B4E9", "#D55E00", "#CC79A7"]))
     styles = {name: {"color": color} for name, color in colors.items()}
     styles[names[control]].update(linestyle="--", marker="s")  # it lies on GRPO's line: dashed, so both show
@@ -421,9 +421,7 @@ def paper_ratio_markdown(result: dict) -> str:
     if not result["seeds"]:
         return ""
     minus = "\u2212"  # the typographic minus of the Results page
-    control = f"grpo-{result['T'] - result['S']}"
-    names = {"grpo": f"GRPO, T = {result['T']}", control: f"GRPO, T {minus} S = {result['T'] - result['S']}",
-             **{f"bupo-k{k}": f"BuPO K = {k}, S = {result['S']}" for k in result["K"]}}  # in the table's row order
+    names = method_labels(result)
     metrics = [f"avg@{result['n']}", *(m for m in result["base"] if m.startswith("pass@") and m != "pass@1")]
 
     def cell(v: list[float], sign: str = "") -> str:
@@ -460,7 +458,7 @@ def paper_ratio_dynamics(runs: Path, figures_out: Path) -> dict:
     for name, bupo in paper_ratio_methods().items():
         kept = {mode: KEPT / "dynamics" / f"dyn-{name}-{mode}" for mode in ("none", "final")}
         if not all((tables / "summary.csv").is_file() for tables in kept.values()):
-            check_protocol(this_device())
+            check_protocol(resolve_device("auto"))
             run = train(root, f"{name}-seed1", c["steps"], seed=1, save_every=c["save_every"],
                         recipe=paper_ratio_recipe(), **bupo)
             for mode, tables in kept.items():
